@@ -1,0 +1,58 @@
+"""The ``raycollapse`` command: one sub-command per module, user errors printed without traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from raycollapse.errors import UserInputError
+
+# Each module defines ``add_parser(subparsers)`` and ``run(args) -> int``. Imported lazily so that
+# ``raycollapse entropy`` does not pay for importing Ray or diffusers.
+COMMANDS: dict[str, str] = {
+    "entropy": "raycollapse.cli.entropy_cmd",
+    "select": "raycollapse.cli.select_cmd",
+    "train": "raycollapse.cli.train_cmd",
+    "generate": "raycollapse.cli.generate_cmd",
+}
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The options every command shares: ``--config FILE`` and trailing ``key=value`` overrides."""
+    parser.add_argument("--config", default=None, help="YAML config file merged over the defaults")
+    parser.add_argument("overrides", nargs="*", default=[], help="key=value config overrides, e.g. knn.k=5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raycollapse",
+        description="Model collapse in diffusion models, and diversity-driven data curation, on Ray.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue  # command not available in this build
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserInputError as exc:
+        print(f"raycollapse {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"raycollapse {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""raycollapse.sweeps"""
