@@ -1,0 +1,359 @@
+"""Exact k-nearest-neighbour search on FAISS flat (brute-force) indexes, Euclidean distance.
+
+FAISS finds the candidate neighbours; the distances returned here are then recomputed exactly
+(see :func:`pair_distances`) so that exact duplicates come out as 0.0 and results are
+reproducible to the last bit. Memory stays bounded: queries go to FAISS in batches of
+``batch_size`` rows and no N x N matrix is ever built; besides the index (N x d float32) a
+search holds ~ batch_size x (k + 9) results and one batch_size x d float64 difference array.
+
+The sharded Ray index holds one :class:`FlatIndex` per shard, queries every shard, combines the
+per-shard results with :func:`merge_topk` and, for a within-set search, removes each point
+itself with :func:`drop_self` (asking the shards for ``k + 1`` neighbours).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from raycollapse.core.validate import as_features, check_k
+from raycollapse.errors import UserInputError
+
+__all__ = [
+    "FlatIndex",
+    "KnnResult",
+    "drop_self",
+    "faiss_has_gpu",
+    "knn_search",
+    "knn_self",
+    "merge_topk",
+    "pair_distances",
+]
+
+# FAISS ranks candidates with float32 distances that carry rounding error. We ask it for this
+# many extra candidates, recompute all distances exactly and keep the best k, so that near-ties
+# and groups of exact duplicates are ranked by the exact distance (then by index).
+_RERANK_PAD = 8
+# FAISS GPU flat indexes return at most this many neighbours per query.
+_GPU_MAX_K = 2048
+
+
+@dataclass(frozen=True)
+class KnnResult:
+    """Neighbours of ``nq`` queries: row q lists its k neighbours, nearest first.
+
+    ``distances``: (nq, k) float64 exact Euclidean distances, ascending along each row (ties
+    ordered by index). ``indices``: (nq, k) int64 row numbers in the database.
+    """
+
+    distances: np.ndarray
+    indices: np.ndarray
+
+    @property
+    def k(self) -> int:
+        """Number of neighbours per query."""
+        return int(self.distances.shape[1])
+
+
+def faiss_has_gpu() -> bool:
+    """True when the installed FAISS is the GPU build (``faiss-gpu``)."""
+    return hasattr(faiss, "StandardGpuResources")
+
+
+def pair_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact Euclidean distances between paired rows: ``out[i] = ||a[i] - b[i]||`` (float64).
+
+    Computed as ``sqrt(sum((a - b)**2))`` in float64 from the (float32) inputs, never through
+    ``|a|^2 + |b|^2 - 2 a.b``: the difference of two float32 values is exact in float64, so
+    identical rows give exactly 0.0. All of raycollapse uses this one function for distances that
+    are compared with each other, so the same pair always gives the same bits.
+    """
+    diff = np.subtract(a, b, dtype=np.float64)
+    np.multiply(diff, diff, out=diff)
+    return np.sqrt(diff.sum(axis=1))
+
+
+def _sort_rows(dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row by (distance, index)."""
+    order = np.lexsort((idx, dist), axis=-1)
+    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+@contextmanager
+def _faiss_threads(threads: int | None) -> Iterator[None]:
+    """Run the body with ``faiss.omp_set_num_threads(threads)``; None leaves FAISS defaults."""
+    if threads is None:
+        yield
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserInputError(f"threads must be a positive integer or None, got {threads!r}")
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def _parse_device(device: str) -> int | None:
+    """None for the CPU, else the CUDA device number. Raises when the GPU build is missing."""
+    if device == "cpu":
+        return None
+    if not isinstance(device, str) or not (device == "cuda" or device.startswith("cuda:")):
+        raise UserInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if not faiss_has_gpu():
+        raise UserInputError(
+            f"device={device!r} needs the GPU build of FAISS, but faiss-gpu is not installed "
+            "(this is faiss-cpu); install faiss-gpu on the GPU nodes or use device='cpu'"
+        )
+    gpu = int(device.split(":", 1)[1]) if ":" in device else 0
+    available = faiss.get_num_gpus()
+    if gpu >= available:
+        raise UserInputError(
+            f"device={device!r} but FAISS sees {available} GPU(s); use a visible GPU or 'cpu'"
+        )
+    return gpu
+
+
+class FlatIndex:
+    """Exact Euclidean index over float32 vectors (a FAISS ``IndexFlatL2``, CPU or GPU).
+
+    Its rows are numbered 0..ntotal-1 in the order added. ``search`` returns exact float64
+    distances (recomputed from the stored float32 rows, see :func:`pair_distances`).
+    """
+
+    def __init__(self, d: int, *, device: str = "cpu", threads: int | None = None) -> None:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+            raise UserInputError(f"index dimension d must be a positive integer, got {d!r}")
+        self.d = int(d)
+        self.device = device
+        self.threads = threads
+        gpu = _parse_device(device)
+        self._gpu_resources = None
+        # Host copies of the rows, only where FAISS's own storage cannot be viewed (GPU).
+        self._host_chunks: list[np.ndarray] | None = None
+        if gpu is None:
+            self._index = faiss.IndexFlatL2(self.d)
+        else:  # pragma: no cover - needs faiss-gpu and a GPU
+            self._gpu_resources = faiss.StandardGpuResources()
+            config = faiss.GpuIndexFlatConfig()
+            config.device = gpu
+            self._index = faiss.GpuIndexFlatL2(self._gpu_resources, self.d, config)
+            self._host_chunks = []
+        self._gpu = gpu
+
+    @property
+    def ntotal(self) -> int:
+        """Number of rows in the index."""
+        return int(self._index.ntotal)
+
+    def add(self, x: np.ndarray) -> None:
+        """Append the rows of ``x`` (N, d); they get the next ``ntotal`` .. ``ntotal+N-1``."""
+        x = as_features(x, "vectors added to the index", min_rows=1)
+        if x.shape[1] != self.d:
+            raise UserInputError(
+                f"vectors added to the index have {x.shape[1]} features but the index has "
+                f"d={self.d}; embed all points with the same feature extractor"
+            )
+        with _faiss_threads(self.threads):
+            self._index.add(x)
+        if self._host_chunks is not None:  # pragma: no cover - GPU only
+            self._host_chunks.append(x.copy())
+
+    def data(self) -> np.ndarray:
+        """The stored rows as a float32 (ntotal, d) array.
+
+        On the CPU this is a zero-copy view of FAISS's storage: use it before the next ``add``
+        (which may reallocate it) and while the index is alive.
+        """
+        if self._host_chunks is not None:  # pragma: no cover - GPU only
+            if len(self._host_chunks) > 1:
+                self._host_chunks = [np.concatenate(self._host_chunks)]
+            return self._host_chunks[0] if self._host_chunks else np.empty((0, self.d), "f4")
+        n = self.ntotal
+        if n == 0:
+            return np.empty((0, self.d), dtype=np.float32)
+        return faiss.rev_swig_ptr(self._index.get_xb(), n * self.d).reshape(n, self.d)
+
+    def search(self, queries: np.ndarray, k: int, *, batch_size: int = 4096) -> KnnResult:
+        """The ``k`` nearest stored rows of each query row (exact, ties by index)."""
+        q = self._check_queries(queries)
+        k = self._check_k(k)
+        return self._search(q, k, batch_size=batch_size)
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        q = as_features(queries, "queries", min_rows=1)
+        if q.shape[1] != self.d:
+            raise UserInputError(
+                f"queries have {q.shape[1]} features but the index has d={self.d}; "
+                "embed queries and database with the same feature extractor"
+            )
+        return q
+
+    def _check_k(self, k: int) -> int:
+        if self.ntotal == 0:
+            raise UserInputError("the index is empty; add vectors before searching")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise UserInputError(f"k must be a positive integer, got {k!r}; raise --k")
+        if k > self.ntotal:
+            raise UserInputError(
+                f"k must be <= number of database points N={self.ntotal}, got {k}; lower --k"
+            )
+        if self._gpu is not None and k > _GPU_MAX_K:  # pragma: no cover - GPU only
+            raise UserInputError(
+                f"k={k} exceeds the FAISS GPU limit of {_GPU_MAX_K}; lower --k or use 'cpu'"
+            )
+        return int(k)
+
+    def _search(
+        self,
+        q: np.ndarray,
+        k: int,
+        *,
+        batch_size: int,
+        query_ids: np.ndarray | None = None,
+    ) -> KnnResult:
+        """Search validated float32 queries. With ``query_ids``, row q excludes index
+        ``query_ids[q]`` (see :func:`drop_self`); then ``k + 1 <= ntotal`` is required."""
+        batch_size = _check_batch_size(batch_size)
+        need = k if query_ids is None else k + 1
+        n_fetch = min(need + _RERANK_PAD, self.ntotal)
+        if self._gpu is not None:  # pragma: no cover - GPU only
+            n_fetch = min(n_fetch, _GPU_MAX_K)
+        data = self.data()
+        nq = q.shape[0]
+        out_d = np.empty((nq, k), dtype=np.float64)
+        out_i = np.empty((nq, k), dtype=np.int64)
+        with _faiss_threads(self.threads):
+            for start in range(0, nq, batch_size):
+                qb = q[start : start + batch_size]
+                _, cand = self._index.search(qb, n_fetch)
+                cand = cand.astype(np.int64, copy=False)
+                # FAISS's float32 distances are |q|^2 + |x|^2 - 2 q.x: catastrophic
+                # cancellation makes a duplicate come out as ~1e-6 instead of 0 and can swap
+                # near-ties. Recompute the candidates' distances exactly (float64, from the
+                # float32 rows), then re-sort by (distance, index).
+                dist = np.empty(cand.shape, dtype=np.float64)
+                for j in range(n_fetch):
+                    dist[:, j] = pair_distances(qb, data[cand[:, j]])
+                dist, cand = _sort_rows(dist, cand)
+                if query_ids is not None:
+                    res = drop_self(KnnResult(dist, cand), query_ids[start : start + batch_size], k)
+                    dist, cand = res.distances, res.indices
+                out_d[start : start + qb.shape[0]] = dist[:, :k]
+                out_i[start : start + qb.shape[0]] = cand[:, :k]
+        return KnnResult(out_d, out_i)
+
+
+def drop_self(result: KnnResult, query_ids: np.ndarray, k: int) -> KnnResult:
+    """Remove each query's own index from its neighbour list and keep ``k`` neighbours.
+
+    ``result`` must hold at least ``k + 1`` neighbours per row, sorted by (distance, index);
+    ``query_ids[q]`` is the index of query q in the same numbering. Exclusion is by index, not by
+    distance: with exact duplicates the point itself need not come first among equal
+    distances. When the point's index is present it is removed, else the last neighbour is
+    dropped (the point then has at least k + 1 exact duplicates ranked before it).
+    """
+    query_ids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
+    nq, m = result.indices.shape
+    if query_ids.shape[0] != nq:
+        raise UserInputError(f"drop_self: {query_ids.shape[0]} query ids for {nq} result rows")
+    if m < k + 1:
+        raise UserInputError(f"drop_self needs k + 1 = {k + 1} neighbours per row, got {m}")
+    is_self = result.indices == query_ids[:, None]
+    # Stable sort puts the kept entries first, in their original (sorted) order.
+    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
+    return KnnResult(
+        np.take_along_axis(result.distances, order, axis=1),
+        np.take_along_axis(result.indices, order, axis=1),
+    )
+
+
+def merge_topk(results: Sequence[KnnResult], offsets: Sequence[int], k: int) -> KnnResult:
+    """Combine per-shard results into the global ``k`` nearest neighbours.
+
+    ``results[s]`` holds shard s's neighbours of the same queries, with shard-local indices;
+    ``offsets[s]`` is the global index of shard s's first row. Rows are merged by (distance,
+    global index), so the result equals one index over all shards when each shard returned its
+    own top ``min(k, shard size)``.
+    """
+    if len(results) == 0 or len(results) != len(offsets):
+        raise UserInputError(
+            f"merge_topk needs one offset per shard result, got {len(results)} results and "
+            f"{len(offsets)} offsets"
+        )
+    nq = results[0].distances.shape[0]
+    if any(r.distances.shape[0] != nq for r in results):
+        raise UserInputError("merge_topk: shard results cover different numbers of queries")
+    dist = np.concatenate([np.asarray(r.distances, dtype=np.float64) for r in results], axis=1)
+    idx = np.concatenate(
+        [
+            np.asarray(r.indices, dtype=np.int64) + int(o)
+            for r, o in zip(results, offsets, strict=True)
+        ],
+        axis=1,
+    )
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= dist.shape[1]:
+        raise UserInputError(
+            f"merge_topk: k must be between 1 and the {dist.shape[1]} neighbours the shards "
+            f"returned, got {k!r}"
+        )
+    dist, idx = _sort_rows(dist, idx)
+    return KnnResult(np.ascontiguousarray(dist[:, :k]), np.ascontiguousarray(idx[:, :k]))
+
+
+def knn_search(
+    database: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    *,
+    batch_size: int = 4096,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> KnnResult:
+    """The ``k`` nearest ``database`` rows of each ``queries`` row (exact Euclidean).
+
+    Distances are exact float64 (see :func:`pair_distances`), rows sorted by (distance, index).
+    Queries are searched ``batch_size`` rows at a time. ``threads`` sets FAISS's OpenMP threads
+    for the call (None: FAISS default). ``device='cuda'`` uses a FAISS GPU index and raises
+    UserInputError when faiss-gpu is not installed (no silent CPU fallback).
+    """
+    db = as_features(database, "database", min_rows=1)
+    index = FlatIndex(db.shape[1], device=device, threads=threads)
+    q = index._check_queries(queries)
+    index.add(db)
+    return index._search(q, index._check_k(k), batch_size=batch_size)
+
+
+def knn_self(
+    x: np.ndarray,
+    k: int,
+    *,
+    batch_size: int = 4096,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> KnnResult:
+    """The ``k`` nearest neighbours of every row of ``x`` among the other rows (1 <= k < N).
+
+    Each point is excluded by index (see :func:`drop_self`), so an exact duplicate of a point
+    is a neighbour at distance 0.0. Other arguments as in :func:`knn_search`.
+    """
+    x = as_features(x, "features")
+    k = check_k(k, x.shape[0])
+    index = FlatIndex(x.shape[1], device=device, threads=threads)
+    index.add(x)
+    if index._gpu is not None and k + 1 > _GPU_MAX_K:  # pragma: no cover - GPU only
+        raise UserInputError(f"k={k} exceeds the FAISS GPU limit; lower --k or use 'cpu'")
+    return index._search(
+        x, k, batch_size=batch_size, query_ids=np.arange(x.shape[0], dtype=np.int64)
+    )

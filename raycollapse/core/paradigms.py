@@ -1,0 +1,97 @@
+"""How each iteration's training set is built from real data and generated pools.
+
+DESIGN.md, *Paradigms* (Shi et al., NeurIPS 2025, Sec. 5):
+
+- ``replace``: candidates are the last generation's pool; the training set is a selection of B.
+- ``accumulate``: candidates are the real training set and every generation so far; the training
+  set is a selection of fixed size B.
+- ``accumulate_all``: the training set grows: the previous training set plus a selection of B from
+  the last pool.
+- ``fresh``: round(λ·B) fresh real images (never used before in this run, seeded) plus a selection
+  of B − round(λ·B) from the last pool.
+
+Everything here works on *row references* ``(source, id)`` so that it is pure and testable; the
+loop turns references into images. Selection ``none`` takes a seeded random subset (the whole set
+when it has exactly the needed size) — with a pool of exactly B, that is the whole pool, as in the
+paper's no-filtering baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from raycollapse.errors import UserInputError
+
+PARADIGMS = ("replace", "accumulate", "accumulate_all", "fresh")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the next training set is made of.
+
+    ``keep``: rows carried over unchanged (``accumulate_all``); ``candidates``: rows the selection
+    chooses ``n_select`` from; ``fresh``: how many fresh real rows to add.
+    """
+
+    keep: list[tuple[str, int]]
+    candidates: list[tuple[str, int]]
+    n_select: int
+    n_fresh: int
+
+
+def fresh_count(train_size: int, fresh_fraction: float) -> int:
+    """round(λ·B), the number of fresh real images per training set for paradigm ``fresh``."""
+    return int(round(fresh_fraction * train_size))
+
+
+def plan_next(
+    paradigm: str,
+    *,
+    train_size: int,
+    previous_train: list[tuple[str, int]],
+    pools: list[list[tuple[str, int]]],
+    real_train: list[tuple[str, int]],
+    fresh_fraction: float = 0.0,
+) -> Plan:
+    """The plan for iteration ``len(pools)``'s training set.
+
+    ``pools[k]`` are the rows generated in iteration k; ``real_train`` is iteration 0's training
+    set; ``previous_train`` the last training set.
+    """
+    if not pools:
+        raise ValueError("plan_next needs at least one generated pool")
+    last = pools[-1]
+    if paradigm == "replace":
+        return Plan([], list(last), train_size, 0)
+    if paradigm == "accumulate":
+        cands = list(real_train) + [row for pool in pools for row in pool]
+        return Plan([], cands, train_size, 0)
+    if paradigm == "accumulate_all":
+        return Plan(list(previous_train), list(last), train_size, 0)
+    if paradigm == "fresh":
+        n_fresh = fresh_count(train_size, fresh_fraction)
+        return Plan([], list(last), train_size - n_fresh, n_fresh)
+    raise UserInputError(f"unknown paradigm '{paradigm}'; use one of {', '.join(PARADIGMS)}.")
+
+
+def pick_fresh_real(n_real: int, used: set[int], n: int, seed: int, iteration: int) -> np.ndarray:
+    """``n`` real ids never used before in this run, chosen by a seed of (run seed, iteration)."""
+    available = np.setdiff1d(np.arange(n_real), np.fromiter(used, dtype=np.int64, count=len(used)))
+    if n > len(available):
+        raise UserInputError(
+            f"paradigm fresh needs {n} unused real images at iteration {iteration} but only "
+            f"{len(available)} remain; lower loop.fresh_fraction or loop.iterations, or use more real data."
+        )
+    rng = np.random.default_rng([seed, iteration, 0xF5E5])
+    return np.sort(rng.choice(available, size=n, replace=False))
+
+
+def lineage(origins: list[str]) -> dict[str, float]:
+    """Share of a training set from each origin: ``share_real``, ``share_gen_0``, ..."""
+    if not origins:
+        return {}
+    values, counts = np.unique(np.asarray(origins), return_counts=True)
+    total = float(len(origins))
+    return {f"share_{v}": c / total for v, c in zip(values.tolist(), counts.tolist(), strict=True)}

@@ -1,0 +1,56 @@
+"""Shared fixtures. One local Ray for the whole session, started on first use and reused.
+
+A multi-node test (``ray_cluster``) shuts the local Ray down and starts a
+``ray.cluster_utils.Cluster``; the next test that asks for ``ray_local`` starts a local one again.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+_LOCAL_ARGS = dict(
+    num_cpus=2,
+    include_dashboard=False,
+    object_store_memory=1_500_000_000,
+    log_to_driver=False,
+)
+
+
+@pytest.fixture
+def ray_local():
+    """A local Ray with 2 CPUs (this machine's size) and a 1.5 GB object store."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**_LOCAL_ARGS)
+    return ray
+
+
+@pytest.fixture
+def ray_cluster():
+    """Three simulated nodes (head + 2 workers), each with 1 CPU and a logical GPU."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "num_gpus": 1, "object_store_memory": 300_000_000},
+    )
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=300_000_000)
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
