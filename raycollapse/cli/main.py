@@ -15,6 +15,8 @@ COMMANDS: dict[str, str] = {
     "select": "raycollapse.cli.select_cmd",
     "train": "raycollapse.cli.train_cmd",
     "generate": "raycollapse.cli.generate_cmd",
+    "embed": "raycollapse.cli.embed_cmd",
+    "report": "raycollapse.cli.report_cmd",
 }
 
 
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Model collapse in diffusion models, and diversity-driven data curation, on Ray.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
