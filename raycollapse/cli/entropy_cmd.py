@@ -1,0 +1,42 @@
+"""``raycollapse entropy INPUT [--k K] [--json]``: Kozachenko-Leonenko entropy of a feature set."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from raycollapse.cli.common import config_from_args, print_result
+from raycollapse.cli.main import add_config_args
+from raycollapse.core.entropy import kl_entropy
+from raycollapse.core.inputs import load_features
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "entropy",
+        help="KL entropy of embeddings or images",
+        description="Kozachenko-Leonenko entropy (nats) of a .npy, Parquet or image-folder INPUT.",
+    )
+    p.add_argument("input", metavar="INPUT", help=".npy, .parquet, folder of Parquet shards or of images")
+    p.add_argument("--k", type=int, default=None, help="k-th neighbour (shorthand for knn.k)")
+    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap replicates for a CI (knn.bootstrap)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, {"knn.k": args.k, "knn.bootstrap": args.bootstrap})
+    start = time.perf_counter()
+    loaded = load_features(args.input)
+    result = kl_entropy(
+        loaded.features,
+        k=cfg.knn.k,
+        eps=cfg.knn.eps,
+        bootstrap=cfg.knn.bootstrap,
+        seed=cfg.seed,
+        batch_size=cfg.knn.batch_size,
+    )
+    out = {**result.to_dict(), "features": loaded.kind, "seconds": time.perf_counter() - start}
+    print_result(out, args.json)
+    return 0
