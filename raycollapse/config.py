@@ -30,7 +30,8 @@ class DataConfig:
     resolution: int = 8  # images are resized + center-cropped to resolution x resolution
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     seed: int = 0
-    on_corrupt: Literal["skip", "error"] = "error"  # unreadable image files
+    on_corrupt: Literal["skip", "error"] = "error"  # unreadable image files: skip and count, or refuse
+    on_small: Literal["upscale", "skip", "error"] = "error"  # images below resolution (digits always upscale)
     image_column: str = "image"  # parquet sources
     label_column: str | None = "label"  # parquet sources; null = unlabelled
 
@@ -43,6 +44,7 @@ class ModelConfig:
     class_conditional: bool = False
     num_classes: int = 10
     label_dropout: float = 0.1  # classifier-free guidance: share of labels dropped in training
+    seed: int = 0  # initial weights
 
 
 @dataclass
@@ -69,7 +71,8 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 0
     log_every: int = 100
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # training-state saves (resume after a crash); 0 = none
+    sample_grid: int = 64  # samples drawn into train.out/samples.png after training; 0 = none
     init: Literal["scratch", "finetune"] = "scratch"
     init_from: str | None = None  # checkpoint folder for init=finetune
     out: str = "runs/train"
@@ -82,12 +85,15 @@ class TrainConfig:
 class SampleConfig:
     """Sampling: DDIM (steps, eta) or DDPM (all steps), optional classifier-free guidance."""
 
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    guidance: float | None = None  # CFG scale w; needs a class-conditional model
-    label: int | None = None  # fixed label for every sample; null = cycle through classes
-    batch_size: int = 256
+    sampler: Literal["ddim", "ddpm"] = "ddim"  # ddim: see benchmarks/README.md (DDPM section)
+    steps: int = 50  # DDIM steps; DDPM always runs all diffusion.num_train_timesteps
+    eta: float = 0.0  # DDIM stochasticity (0 = deterministic given the initial noise)
+    guidance: float | None = None  # CFG scale w: eps_u + w (eps_c - eps_u); needs a class-conditional model
+    label: int | None = None  # fixed label for every sample; null = sample id mod num_classes
+    n: int = 64  # samples to generate (raycollapse generate --n)
+    out: str | None = None  # .npy array, .png grid, or a folder of Parquet shards (--out)
+    batch_size: int = 256  # samples per call / Parquet shard; does not change the samples
+    group_size: int = 64  # rows per network evaluation, aligned to sample ids; fixes the rounding
     seed: int = 0
 
 
@@ -99,6 +105,11 @@ class FeaturesConfig:
     pretrained: str | None = None  # hub tag, local file, or "none" (random weights); null = default tag
     batch_size: int = 256
     dtype: Literal["float32", "float16"] = "float32"
+    clip_model: str = "ViT-B-32"  # open_clip architecture (``open_clip.list_models()``)
+    dinov2_model: str = "vit_small_patch14_dinov2.lvd142m"  # timm name (arch.tag)
+    dinov2_image_size: int = 224  # DINOv2 input side; timm resamples the position embedding
+    normalize: bool = False  # L2-normalise every embedding (e.g. cosine geometry for CLIP)
+    amp: bool = False  # autocast float16 on CUDA: faster, embeddings differ slightly from fp32
 
 
 @dataclass

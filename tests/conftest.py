@@ -22,7 +22,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(**_LOCAL_ARGS)
+        # address='local': never attach to another Ray that happens to run on this machine.
+        ray.init(address="local", **_LOCAL_ARGS)
     return ray
 
 

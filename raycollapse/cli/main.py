@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "train": "raycollapse.cli.train_cmd",
     "generate": "raycollapse.cli.generate_cmd",
     "embed": "raycollapse.cli.embed_cmd",
+    "run": "raycollapse.cli.run_cmd",
     "report": "raycollapse.cli.report_cmd",
 }
 
@@ -45,7 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse stops filling the trailing ``key=value`` positionals at the first flag, so
+    # overrides written after flags arrive as unknown arguments: take those back.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return int(args.func(args) or 0)
     except UserInputError as exc:

@@ -1,0 +1,595 @@
+"""Embedding stage: image pools -> Parquet shards of embeddings, on a Ray Data actor pool.
+
+Two levels, both built on ``core.extractors`` (which holds all the model code):
+
+- ``EmbedStage``: the batch-level stage, ``{"id", "image"} -> {"id", "embedding"}``; the model
+  is built once per worker in ``setup``. Usable in any Ray Data pipeline and callable without Ray.
+- ``embed_pool``: the shard-level driver. One output shard per input shard, with the same file
+  name (``part-00007.parquet`` -> ``OUT/part-00007.parquet``), each written atomically by the actor
+  that embedded it. Ray Data maps an ``EmbedShardStage`` over a dataset of shard descriptions
+  (``batch_size=1``), so the unit of scheduling and of retry is a shard: a restarted actor
+  rewrites the same file, and re-running the command skips the shards already complete.
+
+Output columns: ``id`` (int64), ``embedding`` (``fixed_size_list<float32|float16>[dim]``) and
+``label`` when the input has one. The Parquet schema metadata holds ``raycollapse.features``,
+``raycollapse.dim`` and ``raycollapse.embedding`` (JSON: everything that determines the vectors),
+which is how resume recognises a complete shard and refuses to mix two feature spaces in one
+folder.
+
+Errors: weights and resources are checked on the driver before any work. Errors inside an actor
+(a corrupt image, weights that do not fit the model) come back as a row with an ``error`` field
+instead of an exception, because Ray Data loses the exception type on the way (a model-load
+failure surfaces as ``ActorDiedError`` after init retries); the driver re-raises the first one
+as ``UserInputError`` naming the shard, and every shard finished before it stays on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from raycollapse.config import FeaturesConfig
+from raycollapse.core import storage
+from raycollapse.core.extractor_weights import ResolvedWeights, check_weights_available
+from raycollapse.core.extractors import Extractor, extractor_from_config
+from raycollapse.core.images import decode_image, list_image_files
+from raycollapse.errors import UserInputError
+from raycollapse.stages.base import Batch, Stage, check_resources, map_stage
+from raycollapse.stages.runtime import ensure_ray
+
+SHARD_ROWS = 4096  # rows per shard when INPUT is a .npy or an image folder
+META_FEATURES = b"raycollapse.features"
+META_DIM = b"raycollapse.dim"
+META_SIGNATURE = b"raycollapse.embedding"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by both stages
+
+
+def features_dict(features: Any, batch_size: int | None = None) -> dict[str, Any]:
+    """A plain dict of a ``features`` section (DictConfig, dataclass or dict) over the defaults.
+
+    Plain data travels to the actors; a DictConfig would drag OmegaConf's struct flags along.
+    """
+    if features is None:
+        given: dict[str, Any] = {}
+    elif isinstance(features, dict):
+        given = dict(features)
+    elif hasattr(features, "__dataclass_fields__"):
+        given = asdict(features)
+    else:
+        from omegaconf import OmegaConf
+
+        given = OmegaConf.to_container(features, resolve=True)  # type: ignore[assignment]
+    out = {**asdict(FeaturesConfig()), **given}
+    if batch_size is not None:
+        out["batch_size"] = int(batch_size)
+    if int(out["batch_size"]) < 1:
+        raise UserInputError(f"features.batch_size must be >= 1, got {out['batch_size']}.")
+    return out
+
+
+def resolve_weights(features: dict[str, Any]) -> ResolvedWeights:
+    """``check_weights_available`` for a features dict (the driver calls it before any work)."""
+    return check_weights_available(
+        features["name"],
+        features.get("pretrained"),
+        clip_model=features["clip_model"],
+        dinov2_model=features["dinov2_model"],
+    )
+
+
+def signature(features: dict[str, Any], weights: ResolvedWeights) -> dict[str, Any]:
+    """Everything that determines the embedding vectors; stored in and compared with each shard."""
+    sig: dict[str, Any] = {
+        "features": features["name"],
+        "model": weights.model,
+        "pretrained": weights.describe(),
+        "dtype": features["dtype"],
+        "normalize": bool(features["normalize"]),
+    }
+    if features["name"] == "dinov2":
+        sig["image_size"] = int(features["dinov2_image_size"])
+    return sig
+
+
+def _worker_device(num_gpus: float) -> str:
+    """CUDA when Ray gave this actor a GPU; asking for one and not getting CUDA is an error."""
+    if num_gpus <= 0:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserInputError(
+            f"the embed actor was given {num_gpus:g} GPU by Ray (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}) but torch sees no CUDA device; install a "
+            "CUDA build of torch on the workers, or set resources.embed_gpus_per_actor=0 to embed on CPUs."
+        )
+    return "cuda"
+
+
+def images_from_column(values: Any, *, name: str = "") -> list[np.ndarray]:
+    """An ``image`` column (encoded bytes, or arrays) -> a list of uint8 ``H x W x C`` arrays."""
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        arr = values if values.ndim == 4 else values[..., None]
+        return list(arr)
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bytes | bytearray):
+            out.append(decode_image(bytes(v), name=f"{name} row {i}"))
+        elif v is None:
+            raise UserInputError(
+                f"{name} row {i}: the image is null; drop the row or regenerate the pool."
+            )
+        else:
+            arr = np.asarray(v)
+            out.append(arr if arr.ndim == 3 else arr[..., None])
+    return out
+
+
+def embed_images(extractor: Extractor, images: list[np.ndarray], batch_size: int) -> np.ndarray:
+    """Embed a list of images in mini-batches; images of different sizes are grouped by shape."""
+    if not images:
+        dim = extractor.dim or 0
+        return np.zeros((0, dim), dtype=extractor.dtype)
+    shapes = [im.shape for im in images]
+    if len(set(shapes)) == 1:
+        stacked = np.stack(images)
+        parts = [extractor(stacked[i : i + batch_size]) for i in range(0, len(stacked), batch_size)]
+        return np.concatenate(parts)
+    results: list[np.ndarray | None] = [None] * len(images)
+    for shape in dict.fromkeys(shapes):
+        idx = [i for i, s in enumerate(shapes) if s == shape]
+        for lo in range(0, len(idx), batch_size):
+            chunk = idx[lo : lo + batch_size]
+            for i, vec in zip(chunk, extractor(np.stack([images[i] for i in chunk])), strict=True):
+                results[i] = vec
+    dims = {r.shape for r in results if r is not None}
+    if len(dims) > 1:
+        raise UserInputError(
+            f"images differ in size ({', '.join(str(s) for s in dict.fromkeys(shapes))}), so their "
+            f"{extractor.name} features differ in dimension; resize them to one size or use a model extractor."
+        )
+    return np.stack(results)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch-level stage
+
+
+@dataclass
+class EmbedStage(Stage):
+    """``process_batch({"id", "image"}) -> {"id", "embedding"}`` with the configured extractor."""
+
+    name: str = "embed"
+    features: dict[str, Any] = field(default_factory=lambda: features_dict(None))
+
+    def setup(self) -> None:
+        self.extractor = extractor_from_config(self.features, device=_worker_device(self.num_gpus))
+
+    def process_batch(self, batch: Batch) -> Batch:
+        if "image" not in batch:
+            raise UserInputError(
+                f"embed: the batch has no 'image' column (it has: {', '.join(batch)})."
+            )
+        images = images_from_column(batch["image"], name="batch")
+        out: Batch = {
+            "embedding": embed_images(self.extractor, images, int(self.features["batch_size"]))
+        }
+        if "id" in batch:
+            out = {"id": np.asarray(batch["id"], dtype=np.int64), **out}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards: what one task reads and writes
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of work: rows ``start:stop`` of a source, written to ``out``.
+
+    ``kind``: ``parquet`` (a Parquet shard: ``source`` is its URI, ids from its ``id`` column or
+    ``offset + row``), ``npy`` (rows of a .npy image array) or ``files`` (``files``: image paths
+    joined by newlines). Plain str/int fields so it travels as a Ray Data row.
+    """
+
+    kind: str
+    source: str
+    start: int
+    stop: int
+    out: str
+    offset: int = 0
+    files: str = ""
+    has_id: bool = False
+    has_label: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    def to_item(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_batch(cls, batch: Batch, i: int) -> ShardTask:
+        conv = {
+            "kind": str, "source": str, "out": str, "files": str,
+            "start": int, "stop": int, "offset": int, "has_id": bool, "has_label": bool,
+        }  # fmt: skip
+        return cls(**{k: f(batch[k][i]) for k, f in conv.items()})
+
+
+def _relative(path: str, root: str) -> str:
+    root = root.rstrip("/")
+    return path[len(root) :].lstrip("/") if path.startswith(root + "/") else path.rsplit("/", 1)[-1]
+
+
+def plan_shards(
+    input_uri: str, out_uri: str, *, shard_rows: int = SHARD_ROWS, image_column: str = "image"
+) -> list[ShardTask]:
+    """The shards of INPUT (Parquet shards, a Parquet file, a .npy of images, an image folder)."""
+    text = str(input_uri)
+    local = "://" not in text
+    if local and text.endswith(".npy"):
+        return _plan_npy(Path(text), out_uri, shard_rows)
+    if local and Path(text).is_dir() and not storage.list_files(text, ".parquet"):
+        files = [str(f) for f in list_image_files(text)]  # clear error for a folder without images
+        tasks = []
+        for i, lo in enumerate(range(0, len(files), shard_rows)):
+            chunk = files[lo : lo + shard_rows]
+            out = storage.join(out_uri, f"part-{i:05d}.parquet")
+            tasks.append(
+                ShardTask(
+                    "files", text, lo, lo + len(chunk), out, offset=lo, files="\n".join(chunk)
+                )
+            )
+        return tasks
+    if not storage.exists(text):
+        raise UserInputError(
+            f"input '{text}' does not exist; pass a folder of Parquet image shards, a .parquet file, "
+            "a .npy of images or a folder of image files."
+        )
+    shards = storage.list_files(text, ".parquet")
+    if not shards:
+        raise UserInputError(
+            f"input '{text}' holds no Parquet shards or images; pass a folder of Parquet image shards "
+            "(as written by `raycollapse generate`), a .npy of images or an image folder."
+        )
+    tasks, offset = [], 0
+    for shard in shards:
+        fs, path = storage.open_fs(shard)
+        try:
+            md = pq.read_metadata(path, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise UserInputError(f"cannot read Parquet shard '{shard}': {exc}") from None
+        names = md.schema.to_arrow_schema().names
+        if image_column not in names:
+            extra = (
+                " It already holds embeddings: use it directly with `raycollapse entropy` / `select`."
+                if "embedding" in names
+                else ""
+            )
+            raise UserInputError(
+                f"Parquet shard '{shard}' has no '{image_column}' column (it has: {', '.join(names)}); "
+                f"embed needs images as encoded bytes in an '{image_column}' column, as `raycollapse "
+                f"generate` writes them.{extra}"
+            )
+        out = storage.join(
+            out_uri, _relative(shard, text) if shard != text else shard.rsplit("/", 1)[-1]
+        )
+        has_id, has_label = "id" in names, "label" in names
+        tasks.append(
+            ShardTask("parquet", shard, 0, md.num_rows, out, offset, "", has_id, has_label)
+        )
+        offset += md.num_rows
+    return tasks
+
+
+def _plan_npy(path: Path, out_uri: str, shard_rows: int) -> list[ShardTask]:
+    if not path.is_file():
+        raise UserInputError(f"input '{path}' does not exist; pass an existing .npy of images.")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise UserInputError(f"cannot read '{path}' as a numeric .npy array ({exc}).") from None
+    if arr.ndim == 2:
+        raise UserInputError(
+            f"'{path}' has shape {arr.shape}: that is N x d features, not images; use it directly with "
+            "`raycollapse entropy` / `select`, or pass images (N x H x W or N x H x W x C)."
+        )
+    if arr.ndim not in (3, 4) or len(arr) == 0:
+        raise UserInputError(
+            f"'{path}' has shape {arr.shape}; embed needs images N x H x W or N x H x W x C."
+        )
+    n, source = len(arr), str(path.absolute())
+    return [
+        ShardTask(
+            "npy",
+            source,
+            lo,
+            min(lo + shard_rows, n),
+            storage.join(out_uri, f"part-{i:05d}.parquet"),
+            lo,
+        )
+        for i, lo in enumerate(range(0, n, shard_rows))
+    ]
+
+
+def iter_shard(
+    task: ShardTask, batch_size: int, image_column: str = "image"
+) -> Iterator[tuple[np.ndarray, list[np.ndarray], pa.Array | None]]:
+    """Mini-batches ``(ids, images, labels)`` of a shard; memory is one mini-batch of pixels."""
+    if task.kind == "npy":
+        arr = np.load(task.source, mmap_mode="r", allow_pickle=False)
+        for lo in range(task.start, task.stop, batch_size):
+            hi = min(lo + batch_size, task.stop)
+            block = np.asarray(arr[lo:hi])
+            yield (
+                np.arange(lo, hi, dtype=np.int64),
+                list(block if block.ndim == 4 else block[..., None]),
+                None,
+            )
+        return
+    if task.kind == "files":
+        files = task.files.split("\n")
+        for lo in range(0, len(files), batch_size):
+            chunk = files[lo : lo + batch_size]
+            ids = np.arange(task.offset + lo, task.offset + lo + len(chunk), dtype=np.int64)
+            yield ids, [decode_image(f) for f in chunk], None
+        return
+    fs, path = storage.open_fs(task.source)
+    columns = (
+        [image_column] + (["id"] if task.has_id else []) + (["label"] if task.has_label else [])
+    )
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        seen = 0
+        for rb in pf.iter_batches(batch_size=batch_size, columns=columns):
+            col = rb.column(image_column)
+            if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
+                raise UserInputError(
+                    f"column '{image_column}' of '{task.source}' has type {col.type}; expected encoded "
+                    "image bytes (PNG), as `raycollapse generate` writes them."
+                )
+            n = rb.num_rows
+            if task.has_id:
+                id_col = rb.column("id")
+                if id_col.null_count:
+                    raise UserInputError(f"'{task.source}' has null ids; every row needs an id.")
+                ids = id_col.to_numpy(zero_copy_only=False).astype(np.int64)
+            else:
+                ids = np.arange(task.offset + seen, task.offset + seen + n, dtype=np.int64)
+            images = []
+            for i, v in enumerate(col.to_pylist()):
+                if v is None:
+                    raise UserInputError(
+                        f"'{task.source}' row {seen + i}: the image is null; drop the row or regenerate the pool."
+                    )
+                images.append(decode_image(v, name=f"{task.source} row {seen + i}"))
+            yield ids, images, (rb.column("label") if task.has_label else None)
+            seen += n
+
+
+def embeddings_table(
+    ids: np.ndarray, emb: np.ndarray, labels: pa.Array | None, meta: dict[bytes, bytes]
+) -> pa.Table:
+    """``id``, ``embedding`` (fixed_size_list of the embedding dtype), optional ``label``, + metadata."""
+    dim = emb.shape[1] if emb.ndim == 2 else 0
+    values = pa.array(np.ascontiguousarray(emb).reshape(-1))
+    cols: dict[str, pa.Array] = {
+        "id": pa.array(ids, type=pa.int64()),
+        "embedding": pa.FixedSizeListArray.from_arrays(values, dim),
+    }
+    if labels is not None:
+        cols["label"] = labels.cast(pa.int64())
+    return pa.table(cols).replace_schema_metadata({**meta, META_DIM: str(dim).encode()})
+
+
+@dataclass
+class EmbedShardStage(EmbedStage):
+    """Ray Data stage over shard descriptions: reads, embeds and writes one shard per row.
+
+    ``process_batch`` returns ``{"shard", "rows", "seconds", "node_id", "error"}``; it never
+    raises for user errors (see the module docstring), and neither does ``setup``: a failed model
+    load is reported on every shard this actor is given, so the driver fails in seconds.
+    """
+
+    signature: dict[str, Any] = field(default_factory=dict)
+    image_column: str = "image"
+
+    def setup(self) -> None:
+        self._setup_error: str | None = None
+        try:
+            super().setup()
+        except Exception as exc:  # noqa: BLE001 - reported per shard, re-raised by the driver
+            self._setup_error = f"{type(exc).__name__}: {exc}"
+
+    def process_shard(self, task: ShardTask) -> int:
+        """Embed one shard and write it atomically; returns its row count."""
+        batch_size = int(self.features["batch_size"])
+        ids_parts, emb_parts, label_parts = [], [], []
+        for ids, images, labels in iter_shard(task, batch_size, self.image_column):
+            ids_parts.append(ids)
+            emb_parts.append(embed_images(self.extractor, images, batch_size))
+            if labels is not None:
+                label_parts.append(labels)
+        if emb_parts and len({p.shape[1] for p in emb_parts}) > 1:
+            raise UserInputError(
+                f"images in '{task.source}' differ in size, so their {self.features['name']} features differ "
+                "in dimension; resize them to one size or use a model extractor (clip, dinov2, inception)."
+            )
+        dim = emb_parts[0].shape[1] if emb_parts else (self.extractor.dim or 0)
+        ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
+        emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, dim), self.extractor.dtype)
+        labels = pa.concat_arrays(label_parts) if task.has_label and label_parts else None
+        meta = {
+            META_FEATURES: str(self.features["name"]).encode(),
+            META_SIGNATURE: json.dumps(self.signature, sort_keys=True).encode(),
+        }
+        storage.write_parquet_atomic(embeddings_table(ids, emb, labels, meta), task.out)
+        return len(ids)
+
+    def process_batch(self, batch: Batch) -> Batch:
+        # which node did the work (tests check that shards spread); "" when called without Ray
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        rows: dict[str, list] = {
+            "shard": [],
+            "rows": [],
+            "seconds": [],
+            "node_id": [],
+            "error": [],
+            "user_error": [],
+        }
+        for i in range(len(batch["out"])):
+            task = ShardTask.from_batch(batch, i)
+            start = time.perf_counter()
+            n, error, user = 0, "", True
+            if self._setup_error:
+                error = self._setup_error
+                user = self._setup_error.startswith(UserInputError.__name__)
+            else:
+                try:
+                    n = self.process_shard(task)
+                except UserInputError as exc:
+                    error = str(exc)
+            rows["shard"].append(task.out)
+            rows["rows"].append(n)
+            rows["seconds"].append(time.perf_counter() - start)
+            rows["node_id"].append(node)
+            rows["error"].append(error)
+            rows["user_error"].append(user)
+        return {k: np.asarray(v) for k, v in rows.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def _existing_status(task: ShardTask, sig: dict[str, Any]) -> bool:
+    """True when ``task.out`` is a complete shard of the same embedding; raises on a different one."""
+    if not storage.exists(task.out):
+        return False
+    fs, path = storage.open_fs(task.out)
+    try:
+        md = pq.read_metadata(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError):
+        return False  # unreadable leftovers are recomputed (writes are atomic, so this is rare)
+    meta = md.schema.to_arrow_schema().metadata or {}
+    try:
+        found = json.loads(meta.get(META_SIGNATURE, b"{}").decode())
+    except json.JSONDecodeError:
+        found = {}
+    if found != sig:
+        raise UserInputError(
+            f"'{task.out}' already holds different embeddings ({found or 'not written by raycollapse embed'}); "
+            f"this run makes {sig}. Pass another --out, or delete that folder to recompute."
+        )
+    return md.num_rows == task.rows  # a changed input shard is embedded again
+
+
+@contextlib.contextmanager
+def _shard_scheduling() -> Iterator[None]:
+    """Ray Data settings for shard-sized tasks, restored afterwards.
+
+    - one shard in flight per actor (the default queues 2): a shard is a large unit of work, and
+      a queue behind a busy actor leaves others idle at the end of the job;
+    - wait until the whole pool has started before dispatching (the default starts at once), or
+      the first actor to load its model takes most shards.
+    ``ray.data.from_items`` copies the current DataContext, so these apply to that dataset only.
+    """
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.max_tasks_in_flight_per_actor, ctx.wait_for_min_actors_s)
+    ctx.max_tasks_in_flight_per_actor = 1
+    ctx.wait_for_min_actors_s = 600
+    try:
+        yield
+    finally:
+        ctx.max_tasks_in_flight_per_actor, ctx.wait_for_min_actors_s = saved
+
+
+def embed_pool(
+    input_uri: str | Path,
+    out_uri: str | Path,
+    features_cfg: Any = None,
+    *,
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    cpus_per_actor: float = 1.0,
+    batch_size: int | None = None,
+    shard_rows: int = SHARD_ROWS,
+    image_column: str = "image",
+) -> dict[str, Any]:
+    """Embed every shard of ``input_uri`` into ``out_uri`` (same shard names); resume-safe.
+
+    Returns metrics: features, dim, rows, shards, shards_embedded, shards_skipped, rows_embedded,
+    seconds, images_per_second (rows embedded / wall seconds of the Ray part), actors, nodes
+    (distinct nodes that embedded a shard) and node_ids.
+    """
+    start = time.perf_counter()
+    features = features_dict(features_cfg, batch_size)
+    weights = resolve_weights(features)  # before any work: a missing file fails here, in seconds
+    sig = signature(features, weights)
+    ensure_ray()
+    stage = EmbedShardStage(
+        num_cpus=float(cpus_per_actor), num_gpus=float(gpus_per_actor),
+        features=features, signature=sig, image_column=image_column,
+    )  # fmt: skip
+    check_resources(stage, int(actors))
+    tasks = plan_shards(
+        str(input_uri), str(out_uri), shard_rows=shard_rows, image_column=image_column
+    )
+    todo = [t for t in tasks if not _existing_status(t, sig)]
+    results: list[dict[str, Any]] = []
+    run_start = time.perf_counter()
+    n_actors = max(1, min(int(actors), len(todo)))
+    if todo:
+        storage.makedirs(out_uri)
+        with _shard_scheduling():
+            ds = ray.data.from_items([t.to_item() for t in todo], override_num_blocks=len(todo))
+            out = map_stage(ds, stage, actors=n_actors, batch_size=1)
+            for row in out.iter_rows():
+                if row["error"]:
+                    cls = UserInputError if row["user_error"] else RuntimeError
+                    raise cls(f"embedding shard '{row['shard']}' failed: {row['error']}")
+                results.append(row)
+    run_seconds = time.perf_counter() - run_start
+    embedded = sum(int(r["rows"]) for r in results)
+    node_ids = sorted({str(r["node_id"]) for r in results})
+    return {
+        "features": features["name"],
+        "pretrained": weights.describe(),
+        "dim": _read_dim(tasks[0].out) if tasks else None,
+        "rows": sum(t.rows for t in tasks),
+        "shards": len(tasks),
+        "shards_embedded": len(results),
+        "shards_skipped": len(tasks) - len(todo),
+        "rows_embedded": embedded,
+        "seconds": time.perf_counter() - start,
+        "images_per_second": embedded / run_seconds if embedded and run_seconds > 0 else 0.0,
+        "actors": n_actors if todo else 0,
+        "nodes": len(node_ids),
+        "node_ids": node_ids,
+        "out": str(out_uri),
+    }
+
+
+def _read_dim(uri: str) -> int | None:
+    fs, path = storage.open_fs(uri)
+    try:
+        meta = pq.read_metadata(path, filesystem=fs).schema.to_arrow_schema().metadata or {}
+    except (pa.ArrowInvalid, OSError):
+        return None
+    return int(meta[META_DIM]) if META_DIM in meta else None
