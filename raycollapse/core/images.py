@@ -32,7 +32,9 @@ def list_image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def decode_image(data: bytes | str | Path, channels: int | None = None, *, name: str = "") -> np.ndarray:
+def decode_image(
+    data: bytes | str | Path, channels: int | None = None, *, name: str = ""
+) -> np.ndarray:
     """Decode encoded bytes or a file path to a uint8 array ``H x W x C``.
 
     ``channels``: 1 converts to grayscale ("L"), 3 to RGB, ``None`` keeps 1 or 3 as stored
@@ -49,5 +51,7 @@ def decode_image(data: bytes | str | Path, channels: int | None = None, *, name:
                 mode = "L" if img.mode in ("L", "1", "I", "I;16", "F") else "RGB"
             arr = np.asarray(img.convert(mode), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UserInputError(f"cannot read image '{label}': {exc}. Remove or replace the file.") from None
+        raise UserInputError(
+            f"cannot read image '{label}': {exc}. Remove or replace the file."
+        ) from None
     return arr[:, :, None] if arr.ndim == 2 else arr

@@ -46,7 +46,9 @@ def load_features(
     """Read any supported INPUT (see module docstring) into a float32 feature matrix."""
     p = Path(path)
     if not p.exists():
-        raise UserInputError(f"input '{p}' does not exist; pass a .npy file, a Parquet file or folder, or an image folder.")
+        raise UserInputError(
+            f"input '{p}' does not exist; pass a .npy file, a Parquet file or folder, or an image folder."
+        )
     if p.is_file() and p.suffix == ".npy":
         return _from_npy(p)
     if p.is_file() and p.suffix == ".parquet":
@@ -56,7 +58,9 @@ def load_features(
         if shards:
             return _from_parquet(shards, p, embedding_column, image_column)
         files = list_image_files(p)  # raises a clear error for an empty folder
-        return LoadedFeatures(_stack_pixels([decode_image(f) for f in files], str(p)), None, "pixels", str(p))
+        return LoadedFeatures(
+            _stack_pixels([decode_image(f) for f in files], str(p)), None, "pixels", str(p)
+        )
     raise UserInputError(
         f"input '{p}' is not a supported format; use a .npy array, a .parquet file, "
         "a folder of Parquet shards or a folder of image files."
@@ -78,10 +82,14 @@ def _from_npy(p: Path) -> LoadedFeatures:
     try:
         arr = np.load(p, allow_pickle=False)
     except ValueError as exc:
-        raise UserInputError(f"cannot read '{p}' as a numeric .npy array ({exc}); save it with np.save of a numeric array.") from None
+        raise UserInputError(
+            f"cannot read '{p}' as a numeric .npy array ({exc}); save it with np.save of a numeric array."
+        ) from None
     if arr.ndim == 2:
         if not np.issubdtype(arr.dtype, np.number):
-            raise UserInputError(f"'{p}' has non-numeric dtype {arr.dtype}; expected float embeddings.")
+            raise UserInputError(
+                f"'{p}' has non-numeric dtype {arr.dtype}; expected float embeddings."
+            )
         return LoadedFeatures(arr.astype(np.float32, copy=False), None, "embedding", str(p))
     if arr.ndim in (3, 4):
         return LoadedFeatures(images_to_pixels(arr), None, "pixels", str(p))
@@ -90,7 +98,9 @@ def _from_npy(p: Path) -> LoadedFeatures:
     )
 
 
-def _from_parquet(files: list[Path], root: Path, embedding_column: str, image_column: str) -> LoadedFeatures:
+def _from_parquet(
+    files: list[Path], root: Path, embedding_column: str, image_column: str
+) -> LoadedFeatures:
     try:
         dataset = pads.dataset([str(f) for f in files], format="parquet")
         names = dataset.schema.names
@@ -113,7 +123,8 @@ def _from_parquet(files: list[Path], root: Path, embedding_column: str, image_co
         feats = _list_column_to_matrix(values, column, str(root)).astype(np.float32, copy=False)
     elif pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
         feats = _stack_pixels(
-            [decode_image(v.as_py(), name=f"{root} row {i}") for i, v in enumerate(values)], str(root)
+            [decode_image(v.as_py(), name=f"{root} row {i}") for i, v in enumerate(values)],
+            str(root),
         )
     else:
         feats = images_to_pixels(_list_column_to_matrix(values, column, str(root)))
@@ -124,11 +135,19 @@ def _from_parquet(files: list[Path], root: Path, embedding_column: str, image_co
 def _list_column_to_matrix(values: pa.Array, column: str, source: str) -> np.ndarray:
     """A (fixed-size or variable) list column -> 2-D array; rows of different length are an error."""
     if values.null_count:
-        raise UserInputError(f"column '{column}' of '{source}' has {values.null_count} null rows; drop or fill them.")
+        raise UserInputError(
+            f"column '{column}' of '{source}' has {values.null_count} null rows; drop or fill them."
+        )
     if pa.types.is_fixed_size_list(values.type):
-        return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), values.type.list_size)
+        return (
+            values.flatten()
+            .to_numpy(zero_copy_only=False)
+            .reshape(len(values), values.type.list_size)
+        )
     if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)):
-        raise UserInputError(f"column '{column}' of '{source}' has type {values.type}; expected a list of numbers.")
+        raise UserInputError(
+            f"column '{column}' of '{source}' has type {values.type}; expected a list of numbers."
+        )
     lengths = values.value_lengths().to_numpy(zero_copy_only=False)
     if len(lengths) and lengths.min() != lengths.max():
         first = int(np.argmax(lengths != lengths[0]))
@@ -143,7 +162,10 @@ def _list_column_to_matrix(values: pa.Array, column: str, source: str) -> np.nda
 def _stack_pixels(images: list[np.ndarray], source: str) -> np.ndarray:
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        first, other = images[0].shape, next(im.shape for im in images if im.shape != images[0].shape)
+        first, other = (
+            images[0].shape,
+            next(im.shape for im in images if im.shape != images[0].shape),
+        )
         raise UserInputError(
             f"images in '{source}' differ in size ({first} and {other}) so their pixel rows differ in "
             "dimension; resize them to one size (or use `raycollapse embed` to get embeddings)."

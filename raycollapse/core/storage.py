@@ -92,12 +92,15 @@ def list_files(uri: str | Path, suffix: str = ".parquet") -> list[str]:
         return [str(uri)]
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     names = sorted(
-        f.path for f in found
-        if f.type == pafs.FileType.File and f.path.endswith(suffix) and not f.base_name.startswith(".")
+        f.path
+        for f in found
+        if f.type == pafs.FileType.File
+        and f.path.endswith(suffix)
+        and not f.base_name.startswith(".")
     )
     prefix = str(uri).rstrip("/")
     base = path.rstrip("/")
-    return [prefix + n[len(base):] for n in names]
+    return [prefix + n[len(base) :] for n in names]
 
 
 def read_parquet(uri: str | Path, columns: list[str] | None = None) -> pa.Table:

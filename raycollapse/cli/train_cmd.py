@@ -1,0 +1,165 @@
+"""``raycollapse train [--config FILE] [key=value ...]``: train a DDPM and write a checkpoint.
+
+Writes, under ``train.out``:
+
+- ``config.yaml``: the resolved config;
+- ``checkpoint/``: the EMA model (see ``raycollapse.core.checkpoint``);
+- ``samples.png``: a grid of ``train.sample_grid`` samples from it (the ``sample`` settings);
+- ``train_state.pt`` while training (every ``train.checkpoint_every`` steps); a re-run of the same
+  command resumes from it, and it is removed once the checkpoint is written.
+
+Prints one JSON object on stdout (``steps``, ``loss_first``, ``loss_last``, ``images_per_second``,
+``checkpoint``, ``seconds``, ...); progress goes to stderr. One process: the Ray Train version
+(``train.workers > 1``) is the training stage of the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from raycollapse.cli.common import _clean, config_from_args
+from raycollapse.cli.main import add_config_args
+from raycollapse.config import to_dict, to_yaml
+from raycollapse.errors import UserInputError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a DDPM on a data source and write a checkpoint",
+        description="Train a diffusers UNet2DModel DDPM (model.preset) on data.source; write train.out/checkpoint.",
+    )
+    p.add_argument("--out", default=None, help="output folder (shorthand for train.out)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (train.steps)")
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def _log(msg: str) -> None:
+    print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, {"train.out": args.out, "train.steps": args.steps})
+    from raycollapse.core.checkpoint import load_checkpoint, model_meta, save_checkpoint
+    from raycollapse.core.datasets import load_records
+    from raycollapse.core.diffusion import resolve_labels, sample_images, scheduler_from_config
+    from raycollapse.core.pixels import save_grid
+    from raycollapse.core.training import resolve_device, train_loop
+    from raycollapse.core.unet import build_unet, count_parameters
+
+    t0 = time.perf_counter()
+    tc, mc, dc = cfg.train, cfg.model, cfg.data
+    if tc.workers != 1:
+        raise UserInputError(
+            f"raycollapse train runs in one process; train.workers={tc.workers} is for the loop's Ray Train "
+            "stage. Set train.workers=1 here."
+        )
+    device = resolve_device(tc.use_gpu)
+    if tc.cpu_threads is not None:
+        if tc.cpu_threads < 1:
+            raise UserInputError(f"train.cpu_threads must be >= 1 (or null), got {tc.cpu_threads}.")
+        import torch
+
+        torch.set_num_threads(tc.cpu_threads)
+    meta = model_meta(mc, dc)
+    sc = cfg.sample
+
+    def labels_for(ids):
+        return resolve_labels(
+            ids,
+            class_conditional=mc.class_conditional,
+            num_classes=mc.num_classes,
+            label=sc.label,
+            guidance=sc.guidance,
+        )
+
+    labels_for(
+        np.zeros(1, dtype=np.int64)
+    )  # refuse guidance / a bad label before training, not after
+    # Build the model first: a preset/resolution mismatch fails before any data is read.
+    if tc.init == "finetune":
+        if not tc.init_from:
+            raise UserInputError("train.init=finetune needs train.init_from (a checkpoint folder).")
+        ckpt = load_checkpoint(tc.init_from, expect=meta)
+        model, scheduler = ckpt.unet, ckpt.scheduler
+        if int(scheduler.config.num_train_timesteps) != cfg.diffusion.num_train_timesteps:
+            raise UserInputError(
+                f"checkpoint '{tc.init_from}' was trained with {scheduler.config.num_train_timesteps} diffusion "
+                f"steps, not diffusion.num_train_timesteps={cfg.diffusion.num_train_timesteps}."
+            )
+    else:
+        model = build_unet(
+            mc.preset, resolution=dc.resolution, channels=dc.channels,
+            class_conditional=mc.class_conditional, num_classes=mc.num_classes, seed=mc.seed,
+        )  # fmt: skip
+        scheduler = scheduler_from_config(cfg.diffusion)
+    records = load_records(dc)
+    if records.skipped:
+        _log(
+            f"skipped {records.skipped} unreadable or too-small images, e.g. {', '.join(records.skipped_names[:3])}"
+        )
+    _log(
+        f"{len(records)} images from {records.source}; {mc.preset}: {count_parameters(model):,} parameters on {device}"
+    )
+
+    out = Path(tc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    state_path = out / "train_state.pt"
+    ema, result = train_loop(
+        model, records.images, records.labels if mc.class_conditional else None,
+        noise_scheduler=scheduler, steps=tc.steps, batch_size=tc.batch_size, lr=tc.lr,
+        weight_decay=tc.weight_decay, warmup_steps=tc.warmup_steps, ema_decay=tc.ema_decay,
+        grad_clip=tc.grad_clip, mixed_precision=tc.mixed_precision, seed=tc.seed,
+        class_conditional=mc.class_conditional, num_classes=mc.num_classes, label_dropout=mc.label_dropout,
+        device=device, log_every=tc.log_every,
+        log=lambda step, loss, lr: _log(f"step {step}/{tc.steps} loss {loss:.4f} lr {lr:.2e}"),
+        state_path=str(state_path), checkpoint_every=tc.checkpoint_every,
+    )  # fmt: skip
+    ema.copy_to(model)
+    model.eval()
+    train_meta = {
+        **meta,
+        "steps": result.steps,
+        "data": {"source": records.source, "n": len(records), "skipped": records.skipped},
+        "train": to_dict(cfg)["train"],
+        "diffusion": to_dict(cfg)["diffusion"],
+    }
+    ckpt_path = save_checkpoint(
+        out / "checkpoint", model, scheduler, train_meta, config_yaml=to_yaml(cfg)
+    )
+    state_path.unlink(missing_ok=True)
+    grid = None
+    if tc.sample_grid > 0:
+        imgs = sample_images(
+            model, scheduler, np.arange(tc.sample_grid), seed=sc.seed, sampler=sc.sampler, steps=sc.steps,
+            eta=sc.eta, labels_for=labels_for, guidance=sc.guidance, null_label=mc.num_classes if mc.class_conditional else None,
+            group_size=sc.group_size, device=device,
+        )  # fmt: skip
+        grid = str(out / "samples.png")
+        save_grid(imgs, grid)
+    report = {
+        "steps": result.steps,
+        "loss_first": result.loss_first,
+        "loss_last": result.loss_last,
+        "loss_window": result.loss_window(),
+        "images_per_second": result.images_per_second,
+        "train_seconds": result.seconds,
+        "seconds": time.perf_counter() - t0,
+        "checkpoint": ckpt_path,
+        "samples": grid,
+        "preset": mc.preset,
+        "parameters": count_parameters(model),
+        "images": len(records),
+        "skipped": records.skipped,
+        "device": str(device),
+    }
+    print(json.dumps(_clean(report)))
+    return 0

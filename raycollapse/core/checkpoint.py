@@ -1,0 +1,198 @@
+"""Model checkpoints: a diffusers pipeline folder plus what raycollapse needs to trust it.
+
+```
+<ckpt>/model_index.json           diffusers DDPMPipeline index: DDPMPipeline.from_pretrained(<ckpt>)
+<ckpt>/unet/                      UNet2DModel.save_pretrained (config.json + safetensors), EMA weights
+<ckpt>/scheduler/                 DDPMScheduler config (the training noise schedule)
+<ckpt>/raycollapse.json           preset, resolution, channels, class_conditional, num_classes,
+                                  steps, data source, train and diffusion config
+<ckpt>/config.yaml                the resolved config of the run that wrote it
+```
+
+A checkpoint is written to a temporary folder and renamed into place, so a crash never leaves a
+half-written one under the final name. ``load_checkpoint`` checks the folder against what the
+caller needs (preset, resolution, channels, ...) and refuses a mismatch with a message listing
+every mismatching field. Weights are read with safetensors only; the training state file is read
+with ``torch.load(weights_only=True)`` (no pickled code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raycollapse.core.unet import get_spec
+from raycollapse.errors import UserInputError
+
+META_FILE = "raycollapse.json"
+FORMAT_VERSION = 1
+MATCH_FIELDS = ("preset", "resolution", "channels", "class_conditional", "num_classes")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the (EMA) UNet, the training noise scheduler and the metadata."""
+
+    unet: Any  # diffusers.UNet2DModel
+    scheduler: Any  # diffusers.DDPMScheduler
+    meta: dict[str, Any]
+    path: str
+
+    @property
+    def null_label(self) -> int | None:
+        return int(self.meta["num_classes"]) if self.meta.get("class_conditional") else None
+
+
+def model_meta(model_cfg: Any, data_cfg: Any) -> dict[str, Any]:
+    """The fields a checkpoint must match, from the ``model`` and ``data`` config sections."""
+    return {
+        "preset": str(model_cfg.preset),
+        "resolution": int(data_cfg.resolution),
+        "channels": int(data_cfg.channels),
+        "class_conditional": bool(model_cfg.class_conditional),
+        "num_classes": int(model_cfg.num_classes),
+    }
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` onto ``target``; an existing ``target`` is moved aside first, then deleted."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    folder: str | Path,
+    unet: Any,
+    scheduler: Any,
+    meta: dict[str, Any],
+    *,
+    config_yaml: str | None = None,
+) -> str:
+    """Write ``unet`` (pass the EMA weights) and ``scheduler`` with ``meta`` atomically; the path."""
+    from diffusers import DDPMPipeline
+
+    missing = [k for k in MATCH_FIELDS if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint meta lacks {missing}")
+    target = Path(folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        (tmp / META_FILE).write_text(
+            json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, default=str)
+        )
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
+        _swap_into_place(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """``raycollapse.json`` of a checkpoint folder, with clear errors for a missing or foreign one."""
+    root = Path(folder)
+    if not root.exists():
+        raise UserInputError(
+            f"checkpoint '{root}' does not exist; pass a folder written by `raycollapse train`."
+        )
+    meta_path = root / META_FILE
+    if not meta_path.is_file():
+        raise UserInputError(
+            f"'{root}' is not a raycollapse checkpoint (no {META_FILE}); pass a folder written by `raycollapse train`."
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserInputError(
+            f"'{meta_path}' is not valid JSON ({exc}); the checkpoint is damaged."
+        ) from None
+    missing = [k for k in MATCH_FIELDS if k not in meta]
+    if missing:
+        raise UserInputError(
+            f"'{meta_path}' lacks {', '.join(missing)}; the checkpoint is damaged or too old."
+        )
+    return meta
+
+
+def check_match(meta: dict[str, Any], expect: dict[str, Any] | None, path: str) -> None:
+    """Refuse a checkpoint whose fields differ from ``expect``, listing each difference."""
+    if not expect:
+        return
+    fields = [k for k in MATCH_FIELDS if k in expect and expect[k] is not None]
+    if not meta.get("class_conditional") and not expect.get("class_conditional"):
+        fields = [k for k in fields if k != "num_classes"]  # irrelevant without classes
+    diffs = [
+        f"{k} is {meta.get(k)!r} (requested {expect[k]!r})"
+        for k in fields
+        if meta.get(k) != expect[k]
+    ]
+    if diffs:
+        raise UserInputError(
+            f"checkpoint '{path}' does not match the requested model: {'; '.join(diffs)}. "
+            "Use a checkpoint trained with these settings, or change the config to match it."
+        )
+
+
+def load_checkpoint(
+    folder: str | Path, *, expect: dict[str, Any] | None = None, device: str | torch.device = "cpu"
+) -> Checkpoint:
+    """Load a checkpoint (safetensors only) after checking it against ``expect`` (see ``model_meta``)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    root = Path(folder)
+    meta = read_meta(root)
+    check_match(meta, expect, str(root))
+    try:
+        unet = UNet2DModel.from_pretrained(
+            root / "unet", use_safetensors=True, low_cpu_mem_usage=False
+        )
+        scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"cannot load the model in checkpoint '{root}': {exc}") from None
+    spec = get_spec(meta["preset"])
+    arch = (tuple(unet.config.block_out_channels), unet.config.sample_size, unet.config.in_channels)
+    if arch != (spec.block_out_channels, meta["resolution"], meta["channels"]):
+        raise UserInputError(
+            f"checkpoint '{root}': unet/config.json (widths, size, channels {arch}) does not match its "
+            f"{META_FILE} (preset {meta['preset']}, resolution {meta['resolution']}, channels {meta['channels']})."
+        )
+    unet.to(device).eval()
+    return Checkpoint(unet=unet, scheduler=scheduler, meta=meta, path=str(root))
+
+
+def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Write a training state (tensors, numbers, strings, nested dicts/lists) atomically."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """Read a training state with ``weights_only=True``: plain data and tensors, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise UserInputError(
+            f"cannot read training state '{path}': {exc}; delete it to start over."
+        ) from None

@@ -1,0 +1,207 @@
+"""UNet presets: diffusers ``UNet2DModel`` configurations, and their parameter counts.
+
+The ``unet32`` / ``unet48`` / ``unet64`` / ``unet128`` presets follow the code of Shi et al.,
+*A Closer Look at Model Collapse: From a Generalization-to-Memorization Perspective* (NeurIPS 2025)
+for 32x32 images: six blocks of widths ``(c, c, 2c, 2c, 4c, 4c)``, two ResNet layers per block,
+self-attention in the 5th down block and the 2nd up block (plus diffusers' mid-block attention),
+16 GroupNorm groups. The number is ``c``. They downsample five times, so the resolution must be a
+multiple of 32.
+
+``tiny`` is this project's CPU model for 8x8 / 16x16 single-channel images (digits): three blocks
+``(32, 64, 64)``, one ResNet layer per block, attention at the lowest resolution only. It trains
+to recognisable digits in a few minutes on two CPU cores (numbers in ``benchmarks/README.md``).
+
+Class-conditional variants add an ``nn.Embedding(num_classes + 1, 4c)`` added to the time
+embedding; index ``num_classes`` is the *null* label used for label dropout and for the
+unconditional branch of classifier-free guidance (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raycollapse.errors import UserInputError
+
+PRESET_NAMES = ("tiny", "unet32", "unet48", "unet64", "unet128")
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    """Everything that fixes a preset's architecture (and so its parameter count)."""
+
+    block_out_channels: tuple[int, ...]
+    down_block_types: tuple[str, ...]
+    up_block_types: tuple[str, ...]
+    layers_per_block: int
+    norm_num_groups: int
+    attention_head_dim: int = 8
+
+    @property
+    def downsample_factor(self) -> int:
+        """Resolution must be a multiple of this: the last down block does not downsample."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+def _paper_spec(c: int) -> UNetSpec:
+    # Shi et al. 2025 (and diffusers' train_unconditional example): attention at the 5th block
+    # on the way down and the 2nd on the way up, i.e. at 2x2 for 32x32 inputs.
+    return UNetSpec(
+        block_out_channels=(c, c, 2 * c, 2 * c, 4 * c, 4 * c),
+        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+        layers_per_block=2,
+        norm_num_groups=16,
+    )
+
+
+PRESETS: dict[str, UNetSpec] = {
+    # One ResNet layer per block and attention only at the lowest resolution (2x2 at 8x8): a
+    # training step at batch 64 takes about 0.1 s on one CPU core (benchmarks/README.md, DDPM).
+    "tiny": UNetSpec(
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=16,
+    ),
+    "unet32": _paper_spec(32),
+    "unet48": _paper_spec(48),
+    "unet64": _paper_spec(64),
+    "unet128": _paper_spec(128),
+}
+
+
+def get_spec(preset: str) -> UNetSpec:
+    """The spec of a preset; a ``UserInputError`` listing the presets for an unknown name."""
+    if preset not in PRESETS:
+        raise UserInputError(
+            f"unknown model preset '{preset}'; choose one of {', '.join(PRESETS)}."
+        )
+    return PRESETS[preset]
+
+
+def check_resolution(preset: str, resolution: int) -> None:
+    """Refuse a resolution the preset cannot downsample evenly (and one below 4 pixels)."""
+    factor = get_spec(preset).downsample_factor
+    if resolution < 4 or resolution % factor:
+        raise UserInputError(
+            f"model preset '{preset}' downsamples by {factor}, so data.resolution must be a multiple "
+            f"of {factor} (got {resolution}); pick another resolution or preset "
+            f"(tiny works at 8 and 16, unet32..unet128 at 32, 64, ...)."
+        )
+
+
+def unet_kwargs(
+    preset: str,
+    *,
+    resolution: int,
+    channels: int,
+    class_conditional: bool = False,
+    num_classes: int = 10,
+) -> dict:
+    """Keyword arguments of ``diffusers.UNet2DModel`` for a preset (what its config.json holds)."""
+    spec = get_spec(preset)
+    check_resolution(preset, resolution)
+    if channels not in (1, 3):
+        raise UserInputError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+    kwargs: dict = dict(
+        sample_size=resolution,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=spec.layers_per_block,
+        block_out_channels=spec.block_out_channels,
+        down_block_types=spec.down_block_types,
+        up_block_types=spec.up_block_types,
+        norm_num_groups=spec.norm_num_groups,
+        attention_head_dim=spec.attention_head_dim,
+    )
+    if class_conditional:
+        if num_classes < 1:
+            raise UserInputError(
+                f"model.num_classes must be >= 1 for a class-conditional model, got {num_classes}."
+            )
+        kwargs["num_class_embeds"] = num_classes + 1  # + the null label for guidance
+    return kwargs
+
+
+def build_unet(
+    preset: str,
+    *,
+    resolution: int,
+    channels: int,
+    class_conditional: bool = False,
+    num_classes: int = 10,
+    seed: int | None = None,
+):
+    """A freshly initialised ``UNet2DModel``; ``seed`` makes the initial weights reproducible."""
+    import torch
+    from diffusers import UNet2DModel
+
+    kwargs = unet_kwargs(
+        preset,
+        resolution=resolution,
+        channels=channels,
+        class_conditional=class_conditional,
+        num_classes=num_classes,
+    )
+    if seed is None:
+        return UNet2DModel(**kwargs)
+    # fork_rng: seed the initialisation without disturbing the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DModel(**kwargs)
+
+
+def count_parameters(model) -> int:
+    """Number of parameters of a torch module."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def expected_parameter_count(
+    preset: str, *, channels: int, class_conditional: bool = False, num_classes: int = 10
+) -> int:
+    """Parameter count computed from the architecture description alone (not from diffusers).
+
+    Used by the tests to check that the built model is the architecture the preset describes:
+    conv 3x3 = 9·in·out + out; ResNet block = 2 GroupNorms + 2 convs + time projection (+ a 1x1
+    shortcut when widths differ); attention = GroupNorm + q, k, v, out projections with bias;
+    a ``conv`` down/up sampler = one 3x3 conv; the up path concatenates the skip connections.
+    """
+    spec = get_spec(preset)
+    ch, lpb, n = spec.block_out_channels, spec.layers_per_block, len(spec.block_out_channels)
+    temb = 4 * ch[0]
+
+    def conv3(i: int, o: int) -> int:
+        return 9 * i * o + o
+
+    def resnet(i: int, o: int) -> int:
+        shortcut = i * o + o if i != o else 0
+        return 2 * i + conv3(i, o) + (temb * o + o) + 2 * o + conv3(o, o) + shortcut
+
+    def attention(c: int) -> int:
+        return 2 * c + 4 * (c * c + c)
+
+    total = conv3(channels, ch[0])  # conv_in
+    total += (ch[0] * temb + temb) + (temb * temb + temb)  # sinusoidal -> MLP time embedding
+    if class_conditional:
+        total += (num_classes + 1) * temb
+    prev = ch[0]
+    for i, (out, kind) in enumerate(zip(ch, spec.down_block_types, strict=True)):
+        for j in range(lpb):
+            total += resnet(prev if j == 0 else out, out)
+            total += attention(out) if kind.startswith("Attn") else 0
+        total += conv3(out, out) if i < n - 1 else 0  # downsampler
+        prev = out
+    total += 2 * resnet(ch[-1], ch[-1]) + attention(ch[-1])  # mid block
+    rev = ch[::-1]
+    prev_out = rev[0]
+    for i, (out, kind) in enumerate(zip(rev, spec.up_block_types, strict=True)):
+        skip_in = rev[min(i + 1, n - 1)]
+        for j in range(lpb + 1):
+            skip = skip_in if j == lpb else out
+            total += resnet((prev_out if j == 0 else out) + skip, out)
+            total += attention(out) if kind.startswith("Attn") else 0
+        total += conv3(out, out) if i < n - 1 else 0  # upsampler
+        prev_out = out
+    total += 2 * ch[0] + conv3(ch[0], channels)  # output GroupNorm + conv_out
+    return total
