@@ -20,23 +20,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="INPUT", help=".npy, .parquet, folder of Parquet shards or of images")
     p.add_argument("--k", type=int, default=None, help="k-th neighbour (shorthand for knn.k)")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap replicates for a CI (knn.bootstrap)")
+    p.add_argument("--shards", type=int, default=None, help="kNN index shards, one Ray actor each (knn.shards); 1 = in-process, no Ray")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, {"knn.k": args.k, "knn.bootstrap": args.bootstrap})
+    cfg = config_from_args(args, {"knn.k": args.k, "knn.bootstrap": args.bootstrap, "knn.shards": args.shards})
     start = time.perf_counter()
-    loaded = load_features(args.input)
-    result = kl_entropy(
-        loaded.features,
-        k=cfg.knn.k,
-        eps=cfg.knn.eps,
-        bootstrap=cfg.knn.bootstrap,
-        seed=cfg.seed,
-        batch_size=cfg.knn.batch_size,
-    )
-    out = {**result.to_dict(), "features": loaded.kind, "seconds": time.perf_counter() - start}
+    if cfg.knn.shards != 1:
+        # Imported here so that the default in-process path never imports Ray.
+        from raycollapse.stages.knn_shards_cli import entropy_of_input
+
+        result, kind = entropy_of_input(args.input, cfg.knn, seed=cfg.seed)
+    else:
+        loaded = load_features(args.input)
+        kind = loaded.kind
+        result = kl_entropy(
+            loaded.features,
+            k=cfg.knn.k,
+            eps=cfg.knn.eps,
+            bootstrap=cfg.knn.bootstrap,
+            seed=cfg.seed,
+            batch_size=cfg.knn.batch_size,
+        )
+    out = {**result.to_dict(), "features": kind, "shards": int(cfg.knn.shards), "seconds": time.perf_counter() - start}
     print_result(out, args.json)
     return 0

@@ -1,0 +1,146 @@
+"""``raycollapse select INPUT --method greedy|threshold|random --budget B --out OUT``.
+
+Writes the chosen row indices, in the order chosen, to OUT (``.npy``: int64 array; ``.parquet``:
+columns ``rank``, ``index`` and ``id`` when the input has ids), atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raycollapse.cli.common import config_from_args, print_result
+from raycollapse.cli.main import add_config_args
+from raycollapse.core.atomic import atomic_path
+from raycollapse.core.entropy import kl_entropy
+from raycollapse.core.inputs import load_features
+from raycollapse.core.knn import knn_self
+from raycollapse.core.selection import greedy_select, random_select, threshold_select
+from raycollapse.errors import UserInputError
+
+OUT_SUFFIXES = (".npy", ".parquet")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "select",
+        help="pick a diverse subset (greedy, threshold decay, random)",
+        description="Choose B rows of INPUT by greedy farthest-point, threshold decay or random selection.",
+    )
+    p.add_argument("input", metavar="INPUT", help=".npy, .parquet, folder of Parquet shards or of images")
+    p.add_argument("--method", choices=["greedy", "threshold", "random"], default=None, help="select.method")
+    p.add_argument("--budget", type=int, default=None, help="B, the number of rows to choose (select.budget)")
+    p.add_argument("--seed", type=int, default=None, help="select.seed")
+    p.add_argument("--tau0", type=float, default=None, help="initial threshold (select.tau0); omitted: derived from the data")
+    p.add_argument("--decay", type=float, default=None, help="threshold decay per pass, in (0, 1) (select.decay)")
+    p.add_argument("--out", required=True, help="where to write the indices: .npy or .parquet")
+    p.add_argument("--shards", type=int, default=None, help="kNN shards (Ray actors) for the report's entropy/min distance (knn.shards)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def check_select_config(method: str, budget: int | None, tau0: float | None, decay: float) -> None:
+    """Checks that need no data, so a bad value fails before anything is read."""
+    if method == "none":
+        raise UserInputError("select.method=none selects nothing; use greedy, threshold or random.")
+    if budget is None:
+        raise UserInputError("no budget given; pass --budget B (select.budget=B) with B >= 1.")
+    if budget <= 0:
+        raise UserInputError(f"budget must be >= 1, got {budget}; pass --budget B with 1 <= B <= N.")
+    if method == "threshold":
+        if not 0.0 < decay < 1.0:
+            raise UserInputError(f"decay must be in (0, 1), got {decay}; e.g. --decay 0.9.")
+        if tau0 is not None and tau0 <= 0:
+            raise UserInputError(f"tau0 must be > 0, got {tau0}; pass a positive --tau0 or omit it to derive it.")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(
+        args,
+        {
+            "select.method": args.method,
+            "select.budget": args.budget,
+            "select.seed": args.seed,
+            "select.tau0": args.tau0,
+            "select.decay": args.decay,
+            "knn.shards": args.shards,
+        },
+    )
+    sel = cfg.select
+    out = Path(args.out)
+    if out.suffix not in OUT_SUFFIXES:
+        raise UserInputError(f"--out '{out}' must end in .npy or .parquet.")
+    check_select_config(sel.method, sel.budget, sel.tau0, sel.decay)
+    loaded = load_features(args.input)
+    x = loaded.features
+    if sel.budget > len(x):
+        raise UserInputError(f"budget {sel.budget} is larger than the number of rows N={len(x)}; pass --budget <= {len(x)}.")
+    if cfg.knn.shards != 1:  # Ray only when asked for: the default path never imports it
+        from raycollapse.stages.knn_shards_cli import check_shards, selection_report
+
+        check_shards(cfg.knn.shards, len(x))  # fail before the selection runs
+
+    start = time.perf_counter()
+    extra: dict[str, object] = {}
+    if sel.method == "greedy":
+        idx = greedy_select(x, sel.budget, seed=sel.seed)
+    elif sel.method == "threshold":
+        res = threshold_select(x, sel.budget, tau0=sel.tau0, decay=sel.decay, seed=sel.seed)
+        idx = res.indices
+        extra = {"tau0": res.tau0, "tau_final": res.tau_final, "passes": res.passes}
+    else:
+        idx = random_select(len(x), sel.budget, seed=sel.seed)
+    seconds = time.perf_counter() - start
+
+    _write_indices(out, idx, loaded.ids)
+    chosen = x[idx]
+    if cfg.knn.shards != 1:
+        min_dist, entropy = selection_report(chosen, cfg.knn)
+    else:
+        min_dist, entropy = _min_pairwise(chosen), _entropy_or_none(chosen, cfg.knn.k, cfg.knn.eps)
+    result: dict[str, object] = {
+        "n": len(x),
+        "d": x.shape[1],
+        "budget": int(sel.budget),
+        "method": sel.method,
+        "seed": int(sel.seed),
+        "seconds": seconds,
+        **extra,
+        "min_pairwise_distance": min_dist,
+        "entropy": entropy,
+        "k": int(cfg.knn.k),
+        "out": str(out),
+    }
+    print_result(result, args.json)
+    return 0
+
+
+def _min_pairwise(x: np.ndarray) -> float | None:
+    if len(x) < 2:
+        return None
+    return float(knn_self(x, 1).distances[:, 0].min())
+
+
+def _entropy_or_none(x: np.ndarray, k: int, eps: float) -> float | None:
+    """Entropy of the selection, or None when it has too few points for the k-th neighbour."""
+    if len(x) <= k:
+        return None
+    return kl_entropy(x, k=k, eps=eps).entropy
+
+
+def _write_indices(out: Path, idx: np.ndarray, ids: np.ndarray | None) -> None:
+    idx = np.asarray(idx, dtype=np.int64)
+    with atomic_path(out) as tmp:
+        if out.suffix == ".npy":
+            np.save(tmp, idx)
+        else:
+            cols = {"rank": np.arange(len(idx), dtype=np.int64), "index": idx}
+            if ids is not None:
+                cols["id"] = ids[idx]
+            pq.write_table(pa.table(cols), tmp)

@@ -1,0 +1,409 @@
+"""Random and greedy (farthest-point / k-center) selection, and the exact-distance machinery.
+
+Definitions (DESIGN.md, "Definitions"; Shi et al., "A Closer Look at Model Collapse: From a
+Generalization-to-Memorization Perspective", NeurIPS 2025, arXiv 2509.16499, Sec. "entropy-based
+data selection"):
+
+* Distances are Euclidean, computed from the float32 features in float64 with the *canonical*
+  formula :func:`exact_distances` ``sqrt(sum((float64(a) - float64(b)) ** 2))`` (numpy pairwise
+  summation along the feature axis). Every decision an algorithm here takes equals the decision
+  a plain sequential loop over these canonical values takes: ties go to the lowest index.
+* Greedy selection: start from one seeded random point, repeatedly add the candidate whose
+  distance to the selected set is largest.
+
+Speed without changing a single decision comes from three tools:
+
+1. :class:`ApproxSpace`: centred float32 coordinates whose matrix products give squared distances
+   with a *rigorous* error bound (floating-point summation bound ``gamma_d``), so a comparison is
+   settled by the fast product whenever it is not within the bound, and by the canonical formula
+   otherwise.
+2. Triangle-inequality pruning (Elkan 2003; Gonzalez's k-center): a point i whose nearest
+   selected centre is a(i) at distance m(i) cannot get closer to a new centre c when
+   ``d(c, a(i)) >= 2 m(i)``; whole groups (all points of one centre) are skipped when their
+   radius is below that bound, with safety factors for rounding.
+3. Batches of greedy steps (:class:`_Greedy`): consecutive farthest points that provably do not
+   change each other's rank are added together, so one matrix product serves many steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from raycollapse.core.validate import as_features
+from raycollapse.errors import UserInputError
+
+__all__ = [
+    "ApproxSpace",
+    "blas_single_threaded",
+    "check_budget",
+    "exact_distances",
+    "exact_pair_distances",
+    "greedy_select",
+    "random_select",
+]
+
+_U32 = 2.0**-24  # unit roundoff of float32
+_U64 = 2.0**-53  # unit roundoff of float64
+_CHUNK = 1 << 16  # rows per chunk for O(N d) float64 temporaries
+_PAR_MIN = 1 << 21  # N * d from which the full scan is split over threads
+
+
+def check_budget(budget: Any, n: int) -> int:
+    """Return ``budget`` as an int in [1, n], or raise UserInputError naming the value."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+        raise UserInputError(f"budget must be an integer, got {budget!r}; pass e.g. budget=1000")
+    budget = int(budget)
+    if budget <= 0 or budget > n:
+        raise UserInputError(
+            f"budget must be between 1 and the number of candidates N={n}, got {budget}; "
+            "lower the budget or provide a larger candidate pool"
+        )
+    return budget
+
+
+@contextlib.contextmanager
+def blas_single_threaded() -> Iterator[int]:
+    """Run the block with single-threaded BLAS; yields the thread count BLAS had before.
+
+    The selection loops issue thousands of small or memory-bound products. Multi-threaded
+    OpenBLAS spin-waits at every call and stalls when a core is shared (measured on the 2-core
+    dev machine under load 4: greedy N=100k, d=64, B=10k took 24 s with 2 BLAS threads and
+    5.5 s with 1). Large products are split over Python threads instead (:func:`_scan`), as many
+    as BLAS had threads (Ray sets that from the task's CPUs). BLAS is process-global: other
+    threads of this process run single-threaded BLAS meanwhile. A no-op without threadpoolctl.
+    """
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        yield 1
+        return
+    blas = ThreadpoolController().select(user_api="blas")
+    threads = max([int(i["num_threads"]) for i in blas.info()] or [1])
+    limiter = blas.limit(limits=1)
+    try:
+        yield threads
+    finally:
+        limiter.restore_original_limits()
+
+
+def exact_distances(x: np.ndarray, rows: np.ndarray, c: int) -> np.ndarray:
+    """Canonical distances from points ``x[rows]`` to point ``x[c]`` (float64, shape rows).
+
+    ``sqrt(((float64(x[rows]) - float64(x[c])) ** 2).sum(axis=1))``: numpy reduces each row
+    independently, so the value of a pair does not depend on which other rows are computed with it.
+    """
+    xc = x[c].astype(np.float64)
+    out = np.empty(len(rows), dtype=np.float64)
+    for s in range(0, len(rows), _CHUNK):
+        diff = x[rows[s : s + _CHUNK]].astype(np.float64) - xc
+        out[s : s + _CHUNK] = np.sqrt((diff * diff).sum(axis=1))
+    return out
+
+
+def exact_pair_distances(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Canonical distances between ``x[a[i]]`` and ``x[b[i]]``, bit-identical to
+    :func:`exact_distances` (same element operations, same per-row reduction; symmetric)."""
+    diff = x[a].astype(np.float64) - x[b].astype(np.float64)
+    return np.sqrt((diff * diff).sum(axis=1))
+
+
+class ApproxSpace:
+    """Centred float32 copy of the features with rigorous bounds on product-based distances.
+
+    ``xa[i] = float32(x[i] - mean)`` (float32 subtraction of one fixed float32 vector) and
+    ``s2[i] = |xa[i]|^2`` (float64). For the approximate squared distance
+    ``q = s2[i] + s2[j] - 2 * float32_dot(xa[i], xa[j])``:
+
+    * ``|q - |xa_i - xa_j|^2| <= E = 3 gamma_d s_i s_j + 4 (d + 3) u64 (s_i + s_j)^2`` (float32
+      dot products of any summation order obey ``gamma_d = d u32 / (1 - d u32)``);
+    * ``| |xa_i - xa_j| - |x_i - x_j| | <= F = 1.02 u32 (s_i + s_j)`` (rounding of the centring);
+    * the canonical float64 value is within a factor ``rel = 1 + 2 (d + 4) u64`` of the true one.
+
+    :meth:`lower` and :meth:`upper` turn ``q`` into bounds of the canonical distance.
+    """
+
+    def __init__(self, x: np.ndarray) -> None:
+        n, d = x.shape
+        self.d = d
+        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+        self.xa = x - mean  # any fixed translation works; float32 rounding is bounded by F
+        self.s2 = np.empty(n, dtype=np.float64)
+        for s in range(0, n, _CHUNK):
+            xa64 = self.xa[s : s + _CHUNK].astype(np.float64)
+            self.s2[s : s + _CHUNK] = np.einsum("ij,ij->i", xa64, xa64)
+        self.s = np.sqrt(self.s2)
+        du = d * _U32
+        if du >= 0.01:
+            raise UserInputError(
+                f"features have d={d} dimensions; at most {int(0.01 / _U32)} are supported, "
+                "reduce the dimension (e.g. PCA) first"
+            )
+        self.gamma = du / (1.0 - du)
+        self.c64 = 4.0 * (d + 3) * _U64
+        self.rel = (1.0 + 2.0 * (d + 4) * _U64) * (1.0 + 1e-12)
+
+    def err(self, si: np.ndarray | float, sj: np.ndarray | float) -> tuple[Any, Any]:
+        """The bounds (E, F) of the class docstring for norms ``si`` and ``sj``."""
+        ssum = si + sj
+        return 3.0 * self.gamma * si * sj + self.c64 * ssum * ssum, 1.02 * _U32 * ssum
+
+    def lower(self, q: Any, e: Any, f: Any) -> Any:
+        """Lower bound of the canonical distance given approximate squared distance ``q``."""
+        return (np.sqrt(np.maximum(q - e, 0.0)) - f) / self.rel
+
+    def upper(self, q: Any, e: Any, f: Any) -> Any:
+        """Upper bound of the canonical distance given approximate squared distance ``q``."""
+        return (np.sqrt(np.maximum(q + e, 0.0)) + f) * self.rel
+
+
+def random_select(n: int, budget: int, seed: int = 0) -> np.ndarray:
+    """``budget`` distinct indices of ``range(n)``: ``default_rng(seed).choice(n, budget,
+    replace=False)`` in the order returned, as int64 (the paper's random-selection baseline)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise UserInputError(f"n must be a positive integer, got {n!r}; pass the pool size")
+    budget = check_budget(budget, int(n))
+    return np.random.default_rng(seed).choice(int(n), budget, replace=False).astype(np.int64)
+
+
+def greedy_select(x: Any, budget: int, seed: int = 0) -> np.ndarray:
+    """Farthest-point (k-center) greedy selection of ``budget`` rows of ``x`` (DESIGN.md).
+
+    The first index is ``int(np.random.default_rng(seed).integers(N))``. Each next index is the
+    argmax over all points of the canonical distance to the nearest selected point (lowest index
+    on ties). Selected points have distance 0 and are never chosen again, except when every
+    unselected point is an exact duplicate of a selected one (the maximum is 0): the lowest-index
+    unselected point is taken then. Returns int64 indices in the order chosen.
+
+    The result equals that plain loop exactly; it is computed in provably exact batches of steps
+    with triangle-inequality pruning and bounded-error float32 products (module docstring),
+    which skip most distance evaluations on clustered data.
+    """
+    x = as_features(x, "features", min_rows=1)
+    n = x.shape[0]
+    budget = check_budget(budget, n)
+    first = int(np.random.default_rng(seed).integers(n))
+    with blas_single_threaded() as threads:
+        return _Greedy(x, budget, threads).run(first)
+
+
+class _Greedy:
+    """State of one greedy run: per point its min distance ``m`` and centre slot ``assign``.
+
+    Centres are added in *batches*: with points sorted by (-m, index), the greedy order starts
+    with p1, and continues with p2, p3, ... as long as each is at distance >= its own m from the
+    ones before it (adding them leaves its m, hence its rank, unchanged). A batch is the longest
+    such prefix; its T centres are applied to all points with T-column products.
+
+    ``members[a]`` lists the points whose nearest centre is slot ``a`` (``mlen[a]`` of them) and
+    ``rad[a]`` is the largest ``m`` among them; both are kept exact by compacting every centre
+    that loses points, except in the unpruned regime (``dirty``: supersets and upper bounds).
+    Screens on float32 products use per-point ``v`` and per-centre ``w`` thresholds that fold
+    in the rigorous error bounds of :class:`ApproxSpace` with the largest norm ``smax``.
+    """
+
+    T_MAX = 64  # largest batch
+    ROWS = 8192  # rows per block of the full scan
+
+    def __init__(self, x: np.ndarray, budget: int, threads: int = 1) -> None:
+        n, d = x.shape
+        self.x, self.n, self.budget = x, n, budget
+        self.sp = sp = ApproxSpace(x)
+        self.threads = min(threads, 8) if n * d >= _PAR_MIN else 1
+        self.smax = float(sp.s.max())
+        self.m = np.full(n, np.inf)
+        self.assign = np.full(n, -1, dtype=np.int64)
+        # point i can get closer to new centre c only if dot(i, c) > v[i] + s2[c] / 2
+        self.v = np.full(n, -np.inf)
+        self.e_pt, self.f_pt = sp.err(sp.s, self.smax)
+        self.selected = np.zeros(n, dtype=bool)
+        self.centers = np.empty(budget, dtype=np.int64)
+        self.ca = np.empty((budget, d), dtype=np.float32)
+        self.cs, self.cs2 = np.empty(budget), np.empty(budget)
+        self.ecs, self.fcs = np.empty(budget), np.empty(budget)
+        # group a can hold a point closer to new centre c only if dot(a, c) > w[a] + s2[c] / 2
+        self.w = np.empty(budget)
+        self.rad = np.zeros(budget)
+        self.rad3 = 2.0 * sp.rel**3
+        self.members: list[np.ndarray] = []
+        self.mlen = np.zeros(budget, dtype=np.int64)
+        self.dirty = False
+
+    def run(self, first: int) -> np.ndarray:
+        pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        try:
+            self.pool = pool
+            self._place(np.array([first]), 0)
+            pts = np.arange(self.n)
+            self._set_m(pts, exact_distances(self.x, pts, first), np.zeros(self.n, np.int64))
+            self.members.append(pts)
+            self.mlen[0] = self.n
+            self._set_rad(np.array([0]), np.array([self.m.max()]))
+            k = 1
+            while k < self.budget:
+                batch = self._next_batch(self.budget - k)
+                self._add_batch(batch, k)
+                k += len(batch)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        return self.centers.copy()
+
+    def _next_batch(self, limit: int) -> np.ndarray:
+        """The next greedy centres: the longest valid prefix of the (-m, index) order."""
+        m, n = self.m, self.n
+        t = min(self.T_MAX, limit, n)
+        top = np.argpartition(m, n - t)[n - t :] if t < n else np.arange(n)
+        cut = m[top].min()
+        if t == 1 or cut <= 0.0:
+            c = int(np.argmax(m))
+            if m[c] <= 0.0:  # only exact duplicates of selected points remain
+                c = int(np.argmin(self.selected))
+            return np.array([c])
+        top = np.flatnonzero(m >= cut)  # ties at the cut included
+        top = top[np.lexsort((top, -m[top]))][:t]
+        sp = self.sp
+        xt, s2, s = sp.xa[top], sp.s2[top], sp.s[top]
+        e, f = sp.err(s[:, None], s[None, :])
+        lb = sp.lower(s2[:, None] + s2[None, :] - 2.0 * (xt @ xt.T), e, f)
+        mt = m[top]
+        bad = np.tril(lb < mt[:, None], -1)  # pair (j, i < j) not proven harmless
+        for j in np.flatnonzero(bad.any(axis=1)).tolist():
+            prev = top[:j][bad[j, :j]]
+            if (exact_pair_distances(self.x, prev, np.full(len(prev), top[j])) < mt[j]).any():
+                return top[:j]
+        return top
+
+    def _place(self, cs: np.ndarray, k: int) -> None:
+        sp, sl = self.sp, slice(k, k + len(cs))
+        self.selected[cs] = True
+        self.centers[sl] = cs
+        self.ca[sl] = sp.xa[cs]
+        self.cs[sl], self.cs2[sl] = sp.s[cs], sp.s2[cs]
+        self.ecs[sl], self.fcs[sl] = sp.err(sp.s[cs], self.smax)
+
+    def _set_m(self, pts: np.ndarray, dist: np.ndarray, slots: np.ndarray) -> None:
+        self.m[pts] = dist
+        self.assign[pts] = slots
+        t = self.e_pt[pts] + (dist * self.sp.rel + self.f_pt[pts]) ** 2
+        self.v[pts] = 0.5 * (self.sp.s2[pts] - t)
+
+    def _set_rad(self, slots: Any, rad: np.ndarray) -> None:
+        self.rad[slots] = rad
+        t = (self.rad3 * rad + self.fcs[slots]) * (1.0 + 1e-12)
+        self.w[slots] = 0.5 * (self.cs2[slots] - self.ecs[slots] - t * t)
+
+    def _radii(self, cs: np.ndarray, slots: Any, j: Any, dots: np.ndarray) -> np.ndarray:
+        """Pruning radii for (group ``slots``, centre ``cs[j]``) pairs: a point of the group
+        with m <= h cannot get closer to the centre (triangle inequality, rounding included)."""
+        sp = self.sp
+        q = self.cs2[slots] + sp.s2[cs][j] - 2.0 * dots.astype(np.float64)
+        e, f = sp.err(self.cs[slots], sp.s[cs][j])
+        return sp.lower(q, e, f) / (2.0 * sp.rel * sp.rel)
+
+    def _add_batch(self, cs: np.ndarray, k: int) -> None:
+        """Add centres ``cs`` as slots k, k+1, ...: every point ends at its min over them."""
+        sp, n = self.sp, self.n
+        self._place(cs, k)
+        xc, lim = sp.xa[cs], 0.5 * sp.s2[cs]
+        dots_c = self.ca[:k] @ xc.T
+        aff = dots_c > self.w[:k, None] + lim  # (group, centre) pairs that may matter
+        if self.dirty:  # rebuild the groups once pruning would keep at most n / 4 points
+            h = self._radii(cs, np.arange(k)[:, None], np.arange(len(cs))[None, :], dots_c)
+            h[~aff] = np.inf
+            if 4 * np.count_nonzero(self.m > h.min(axis=1)[self.assign]) <= n:
+                self._rebuild(k)
+        if not self.dirty:
+            j, g = np.nonzero(aff.T)  # pairs sorted by centre
+            lens = self.mlen[g]
+            if lens.sum() <= 4 * n:
+                h = self._radii(cs, g, j, dots_c[g, j])
+                pts = np.concatenate([self.members[a] for a in g.tolist()] or [g])
+                keep = self.m[pts] > np.repeat(h, lens)
+                pts, j = pts[keep], np.repeat(j, lens)[keep]
+                if 2 * len(pts) <= n:
+                    ends = np.searchsorted(j, np.arange(1, len(cs) + 1)).tolist()
+                    dots = np.empty(len(pts), dtype=np.float32)
+                    lo = 0
+                    for c, hi in enumerate(ends):  # one matrix-vector product per centre
+                        if hi > lo:
+                            dots[lo:hi] = sp.xa[pts[lo:hi]] @ xc[c]
+                        lo = hi
+                    ok = dots > self.v[pts] + lim[j]
+                    self._settle(cs, k, pts[ok], j[ok], compact=True)
+                    return
+        pts, j = self._scan(xc, lim)
+        self._settle(cs, k, pts, j, compact=False)
+
+    def _scan(self, xc: np.ndarray, lim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All (point, centre) pairs that the float32 screen cannot rule out (see ``v``)."""
+        xa, v = self.sp.xa, self.v
+
+        def block(lo: int) -> tuple[np.ndarray, np.ndarray]:
+            hi = min(lo + self.ROWS, self.n)
+            r, j = np.nonzero(xa[lo:hi] @ xc.T > v[lo:hi, None] + lim)
+            return r + lo, j
+
+        starts = range(0, self.n, self.ROWS)
+        out = list(self.pool.map(block, starts) if self.pool else map(block, starts))
+        return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+    def _settle(self, cs: np.ndarray, k: int, pts: np.ndarray, j: np.ndarray, compact: bool):
+        """Canonical distances of the screened pairs; each point moves to its nearest new
+        centre when strictly closer than ``m``; the centres it leaves are compacted."""
+        dist = exact_pair_distances(self.x, pts, cs[j])
+        better = dist < self.m[pts]
+        pts, j, dist = pts[better], j[better], dist[better]
+        if len(cs) > 1:  # keep each point's nearest new centre
+            o = np.lexsort((j, dist, pts))
+            pts, j, dist = pts[o], j[o], dist[o]
+            first = np.ones(len(pts), dtype=bool)
+            first[1:] = pts[1:] != pts[:-1]
+            pts, j, dist = pts[first], j[first], dist[first]
+        losers = np.unique(self.assign[pts])
+        self._set_m(pts, dist, k + j)
+        t = len(cs)
+        o = np.argsort(j, kind="stable")
+        counts = np.bincount(j, minlength=t)
+        self.members.extend(np.split(pts[o], np.cumsum(counts)[:-1]))
+        self.mlen[k : k + t] = counts
+        rad = np.zeros(t)
+        np.maximum.at(rad, j, dist)
+        self._set_rad(slice(k, k + t), rad)
+        if compact:
+            self._compact(losers)
+        else:
+            self.dirty = True
+
+    def _compact(self, slots: np.ndarray) -> None:
+        """Drop the points that left the groups ``slots`` (sorted) and recompute their radii;
+        only centres that lost points need this, as ``m`` changes only by moving."""
+        if len(slots) == 0:
+            return
+        cat = np.concatenate([self.members[a] for a in slots.tolist()])
+        pos = np.repeat(np.arange(len(slots)), self.mlen[slots])
+        keep = self.assign[cat] == slots[pos]
+        cat, pos = cat[keep], pos[keep]
+        counts = np.bincount(pos, minlength=len(slots))
+        for a, part in zip(slots.tolist(), np.split(cat, np.cumsum(counts)[:-1]), strict=True):
+            self.members[a] = part
+        self.mlen[slots] = counts
+        rad = np.zeros(len(slots))
+        np.maximum.at(rad, pos, self.m[cat])
+        self._set_rad(slots, rad)
+
+    def _rebuild(self, k: int) -> None:
+        """Exact lists, counts and radii of slots 0..k-1 from ``assign`` (after dirty steps)."""
+        order = np.argsort(self.assign, kind="stable")
+        counts = np.bincount(self.assign, minlength=k)
+        self.members = np.split(order, np.cumsum(counts)[:-1])
+        self.mlen[:k] = counts
+        rad = np.zeros(k)
+        np.maximum.at(rad, self.assign, self.m)
+        self._set_rad(slice(0, k), rad)
+        self.dirty = False

@@ -1,0 +1,118 @@
+"""Every image a run knows, addressed by ``(origin, id)``: real data and each generation's pool.
+
+Training sets are lists of such references; the catalog turns them into images and into
+embeddings in any feature space, reading each shard folder once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from raycollapse.core import storage
+from raycollapse.core.datasets import encode_png
+from raycollapse.loop import layout
+from raycollapse.loop.tables import read_embeddings, read_images
+
+Ref = tuple[str, int]
+
+
+def real_dir(run: str, *parts: str) -> str:
+    return storage.join(run, "real", *parts)
+
+
+def origin_of(iteration: int) -> str:
+    return f"gen_{iteration}"
+
+
+@dataclass
+class Catalog:
+    """Lazy, cached access to the images and embeddings of a run, by origin."""
+
+    run: str
+    channels: int
+    _images: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    _emb: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def images_uri(self, origin: str) -> str:
+        if origin == "real":
+            return real_dir(self.run, "data")
+        return layout.iter_path(self.run, int(origin.split("_")[1]), layout.POOL)
+
+    def embeddings_uri(self, origin: str, features: str) -> str:
+        if origin == "real":
+            return real_dir(self.run, layout.EMBEDDINGS, features)
+        return layout.iter_path(self.run, int(origin.split("_")[1]), layout.EMBEDDINGS, features)
+
+    def images(self, origin: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, images, labels)`` of one origin, in id order."""
+        if origin not in self._images:
+            self._images[origin] = read_images(self.images_uri(origin), self.channels)
+        return self._images[origin]
+
+    def embeddings(self, origin: str, features: str) -> tuple[np.ndarray, np.ndarray]:
+        key = (origin, features)
+        if key not in self._emb:
+            self._emb[key] = read_embeddings(self.embeddings_uri(origin, features))
+        return self._emb[key]
+
+    def _rows(self, ids: np.ndarray, wanted: np.ndarray, origin: str) -> np.ndarray:
+        pos = np.searchsorted(ids, wanted)
+        if np.any(pos >= len(ids)) or np.any(ids[np.minimum(pos, len(ids) - 1)] != wanted):
+            raise KeyError(f"some ids are missing from origin '{origin}'")
+        return pos
+
+    def gather_images(self, refs: list[Ref]) -> tuple[np.ndarray, np.ndarray]:
+        """Images and labels of ``refs``, in their order."""
+        out_img: list[np.ndarray] = []
+        out_lab: list[np.ndarray] = []
+        order: list[np.ndarray] = []
+        for origin, idx in _group(refs):
+            ids, images, labels = self.images(origin)
+            rows = self._rows(ids, np.array([refs[i][1] for i in idx]), origin)
+            out_img.append(images[rows])
+            out_lab.append(labels[rows])
+            order.append(idx)
+        perm = np.argsort(np.concatenate(order), kind="stable")
+        return np.concatenate(out_img)[perm], np.concatenate(out_lab)[perm]
+
+    def gather_embeddings(self, refs: list[Ref], features: str) -> np.ndarray:
+        """Embeddings of ``refs`` in feature space ``features``, in their order."""
+        parts: list[np.ndarray] = []
+        order: list[np.ndarray] = []
+        for origin, idx in _group(refs):
+            ids, x = self.embeddings(origin, features)
+            parts.append(x[self._rows(ids, np.array([refs[i][1] for i in idx]), origin)])
+            order.append(idx)
+        perm = np.argsort(np.concatenate(order), kind="stable")
+        return np.concatenate(parts)[perm]
+
+
+def _group(refs: list[Ref]) -> list[tuple[str, np.ndarray]]:
+    """Positions of ``refs`` grouped by origin (origins in first-seen order)."""
+    groups: dict[str, list[int]] = {}
+    for i, (origin, _) in enumerate(refs):
+        groups.setdefault(origin, []).append(i)
+    return [(o, np.asarray(ix, dtype=np.int64)) for o, ix in groups.items()]
+
+
+def train_set_table(refs: list[Ref], images: np.ndarray, labels: np.ndarray) -> pa.Table:
+    """A training set as Parquet rows ``{id, image, label, source, origin, origin_id}``."""
+    return pa.table(
+        {
+            "id": pa.array(np.arange(len(refs)), pa.int64()),
+            "image": pa.array([encode_png(im) for im in images], pa.binary()),
+            "label": pa.array(labels, pa.int64(), mask=labels < 0),
+            "source": pa.array([o for o, _ in refs], pa.string()),
+            "origin": pa.array([o for o, _ in refs], pa.string()),
+            "origin_id": pa.array([i for _, i in refs], pa.int64()),
+        }
+    )
+
+
+def read_train_refs(uri: str) -> list[Ref]:
+    table = pa.concat_tables(storage.read_parquet(f, columns=["id", "origin", "origin_id"]) for f in storage.list_files(uri))
+    table = table.sort_by("id")
+    return list(zip(table.column("origin").to_pylist(), table.column("origin_id").to_pylist(), strict=True))

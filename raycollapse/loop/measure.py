@@ -1,0 +1,116 @@
+"""The metrics row of one iteration, its sample grid and its most memorized pairs.
+
+Definitions (DESIGN.md): KL entropy of the training set, of the whole pool and of B generated
+samples (the first B pool ids, the same size as the training set so the two compare);
+generalization score = mean distance from a generated sample to its nearest training sample;
+memorized fraction = share with d1 < d2/3; Fréchet distance to the real data per feature space;
+precision / recall / density / coverage (Naeem et al. 2020) against the real data.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raycollapse.core import storage
+from raycollapse.core.datasets import encode_png
+from raycollapse.core.entropy import kl_entropy
+from raycollapse.core.knn import knn_search
+from raycollapse.core.metrics import (
+    frechet_distance,
+    generalization_from_distances,
+    memorized_from_distances,
+    prdc,
+)
+from raycollapse.core.paradigms import lineage
+from raycollapse.core.pixels import image_grid
+from raycollapse.loop import layout
+from raycollapse.loop.catalog import Catalog, Ref, origin_of
+
+MEMORIZED_RATIO = 1.0 / 3.0
+NEAREST_PAIRS = 16
+GRID_SAMPLES = 64
+
+
+def _entropy(x: np.ndarray, k: int, eps: float) -> float | None:
+    return kl_entropy(x, k=k, eps=eps).entropy if len(x) > k else None
+
+
+def iteration_metrics(
+    cat: Catalog,
+    iteration: int,
+    train_refs: list[Ref],
+    *,
+    features: list[str],
+    k: int,
+    eps: float,
+    fid_available: bool,
+) -> dict[str, Any]:
+    """The metrics row of ``iteration`` (timings are added by the loop)."""
+    gen = origin_of(iteration)
+    row: dict[str, Any] = {"iteration": iteration, "train_size": len(train_refs)}
+    for i, f in enumerate(features):
+        suffix = "" if i == 0 else f"_{f}"
+        train_x = cat.gather_embeddings(train_refs, f)
+        pool_ids, pool_x = cat.embeddings(gen, f)
+        gen_x = pool_x[: len(train_refs)]
+        _, real_x = cat.embeddings("real", f)
+        nn = knn_search(train_x, gen_x, 2)
+        d1, d2 = nn.distances[:, 0], nn.distances[:, 1]
+        row[f"entropy_train{suffix}"] = _entropy(train_x, k, eps)
+        row[f"entropy_pool{suffix}"] = _entropy(pool_x, k, eps)
+        row[f"entropy_generated{suffix}"] = _entropy(gen_x, k, eps)
+        row[f"generalization_score{suffix}"] = generalization_from_distances(d1)
+        row[f"memorized_fraction{suffix}"] = memorized_from_distances(d1, d2, MEMORIZED_RATIO)
+        row[f"fd_{f}"] = frechet_distance(pool_x, real_x)
+        if i == 0:
+            row.update(prdc(real_x, pool_x, k=5))
+    row["fid"] = row.get("fd_inception") if fid_available else None
+    row.update(lineage([o for o, _ in train_refs]))
+    return {k_: (None if isinstance(v, float) and not math.isfinite(v) else v) for k_, v in row.items()}
+
+
+def write_samples_png(cat: Catalog, iteration: int, uri: str) -> None:
+    """A grid of the first generated samples of the iteration."""
+    _, images, _ = cat.images(origin_of(iteration))
+    from PIL import Image
+
+    grid = Image.fromarray(image_grid(images[:GRID_SAMPLES]))
+    scale = max(1, -(-192 // max(grid.size)))  # tiny 8x8 digits stay visible
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def write_nearest(cat: Catalog, iteration: int, train_refs: list[Ref], features: str, uri: str) -> None:
+    """The generated samples closest to a training sample (smallest d1/d2), beside that sample."""
+    gen = origin_of(iteration)
+    train_x = cat.gather_embeddings(train_refs, features)
+    pool_ids, pool_x = cat.embeddings(gen, features)
+    gen_ids, gen_x = pool_ids[: len(train_refs)], pool_x[: len(train_refs)]
+    nn = knn_search(train_x, gen_x, 2)
+    d1, d2 = nn.distances[:, 0], nn.distances[:, 1]
+    ratio = d1 / np.maximum(d2, 1e-12)
+    order = np.lexsort((d1, ratio))[:NEAREST_PAIRS]
+    _, gen_images, _ = cat.images(gen)
+    train_images, _ = cat.gather_images([train_refs[j] for j in nn.indices[order, 0]])
+    table = pa.table(
+        {
+            "gen_id": pa.array(gen_ids[order], pa.int64()),
+            "train_id": pa.array(nn.indices[order, 0], pa.int64()),
+            "d1": pa.array(d1[order], pa.float64()),
+            "d2": pa.array(d2[order], pa.float64()),
+            "gen_image": pa.array([encode_png(gen_images[i]) for i in order], pa.binary()),
+            "train_image": pa.array([encode_png(im) for im in train_images], pa.binary()),
+        }
+    )
+    storage.write_parquet_atomic(table, uri)
+
+
+def nearest_uri(run: str, iteration: int) -> str:
+    return layout.iter_path(run, iteration, layout.NEAREST)

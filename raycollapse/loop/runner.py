@@ -1,0 +1,280 @@
+"""The self-consuming loop (DESIGN.md, The loop): one resumable command.
+
+Per iteration t, five stages, each writing its outputs atomically and then a completion marker:
+
+- ``train_set``: iteration 0 takes a seeded subset of B real images; later iterations build the set
+  from the paradigm (``core.paradigms``) and the selection (``core.selection``) in feature space
+  ``features.name``;
+- ``train``: Ray Train (``stages.train``), from scratch or fine-tuning the previous model;
+- ``generate``: m x B candidates on Ray Data actors (``stages.generate``), seeded per sample;
+- ``embed``: the pool in every feature space the run uses (``stages.embed``);
+- ``metrics``: the iteration's metrics row, sample grid and most memorized pairs.
+
+Iteration 0 first stores the real data and its embeddings (stage ``real``). Re-running the same
+command resumes at the first unfinished stage; a finished run does nothing and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from raycollapse.config import to_dict
+from raycollapse.core import storage
+from raycollapse.core.datasets import load_records
+from raycollapse.core.extractor_weights import check_weights_available
+from raycollapse.core.paradigms import pick_fresh_real, plan_next
+from raycollapse.core.selection import greedy_select, random_select, threshold_select
+from raycollapse.errors import UserInputError
+from raycollapse.loop import checks, layout
+from raycollapse.loop.catalog import Catalog, Ref, origin_of, read_train_refs, real_dir, train_set_table
+from raycollapse.loop.measure import iteration_metrics, nearest_uri, write_nearest, write_samples_png
+from raycollapse.loop.rundir import RunDir, config_digest
+
+STAGES = ("train_set", "train", "generate", "embed", "metrics")
+_PURPOSE = {"subset": 1, "select": 2, "train": 3, "generate": 4}
+
+
+def derived_seed(seed: int, iteration: int, purpose: str) -> int:
+    """A seed for one random choice of one iteration, from the run seed alone."""
+    return int(np.random.SeedSequence([seed, iteration, _PURPOSE[purpose]]).generate_state(1)[0])
+
+
+def _log(msg: str) -> None:
+    print(f"[raycollapse {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Loop:
+    """The state shared by the stages of one run."""
+
+    cfg: DictConfig
+    rd: RunDir
+    cat: Catalog
+    features: list[str]
+    log: Callable[[str], None] = _log
+
+    @property
+    def run(self) -> str:
+        return self.rd.path
+
+    def path(self, t: int, *parts: str) -> str:
+        return layout.iter_path(self.run, t, *parts)
+
+    # -- stages -------------------------------------------------------------------------------
+    def stage_real(self, real) -> dict[str, Any]:
+        """Store the real data as Parquet and embed it in every feature space of the run."""
+        from raycollapse.stages.embed import embed_pool
+
+        storage.write_parquet_atomic(real.to_arrow_table(), real_dir(self.run, "data", "part-00000.parquet"))
+        for f in self.features:
+            embed_pool(real_dir(self.run, "data"), self.cat.embeddings_uri("real", f), self.feature_cfg(f), **self.embed_resources())
+        return {"rows": len(real)}
+
+    def stage_train_set(self, t: int) -> dict[str, Any]:
+        cfg, loop = self.cfg, self.cfg.loop
+        if t == 0:
+            ids, _, _ = self.cat.images("real")
+            rng = np.random.default_rng(derived_seed(cfg.seed, 0, "subset"))
+            chosen = np.sort(rng.choice(ids, size=loop.train_size, replace=False))
+            refs: list[Ref] = [("real", int(i)) for i in chosen]
+        else:
+            refs = self.next_train_set(t)
+        images, labels = self.cat.gather_images(refs)
+        storage.write_parquet_atomic(
+            train_set_table(refs, images, labels), self.path(t, layout.TRAIN_SET, "part-00000.parquet")
+        )
+        return {"rows": len(refs)}
+
+    def next_train_set(self, t: int) -> list[Ref]:
+        cfg, loop, sel = self.cfg, self.cfg.loop, self.cfg.select
+        pools = [[(origin_of(k), int(i)) for i in self.cat.embeddings(origin_of(k), self.features[0])[0]] for k in range(t)]
+        plan = plan_next(
+            loop.paradigm,
+            train_size=loop.train_size,
+            previous_train=read_train_refs(self.path(t - 1, layout.TRAIN_SET)),
+            pools=pools,
+            real_train=read_train_refs(self.path(0, layout.TRAIN_SET)),
+            fresh_fraction=loop.fresh_fraction,
+        )
+        seed = derived_seed(cfg.seed + sel.seed, t, "select")
+        n = plan.n_select
+        if sel.method in ("none", "random") or n == len(plan.candidates):
+            idx = random_select(len(plan.candidates), n, seed=seed)
+        else:
+            x = self.cat.gather_embeddings(plan.candidates, sel_features(cfg))
+            if sel.method == "greedy":
+                idx = greedy_select(x, n, seed=seed)
+            else:
+                idx = threshold_select(x, n, tau0=sel.tau0, decay=sel.decay, seed=seed).indices
+        refs = plan.keep + [plan.candidates[int(i)] for i in idx]
+        if plan.n_fresh:
+            used = {i for k in range(t) for o, i in read_train_refs(self.path(k, layout.TRAIN_SET)) if o == "real"}
+            n_real = len(self.cat.images("real")[0])
+            refs += [("real", int(i)) for i in pick_fresh_real(n_real, used, plan.n_fresh, cfg.seed, t)]
+        return refs
+
+    def stage_train(self, t: int) -> dict[str, Any]:
+        from raycollapse.stages.train import train_distributed
+
+        cfg = OmegaConf.merge(self.cfg, {"train": {"seed": derived_seed(self.cfg.seed, t, "train")}})
+        init_from = None
+        if self.cfg.train.init == "finetune" and t > 0:
+            init_from = self.path(t - 1, layout.MODEL)
+        fs, base = storage.open_fs(storage.join(self.run, "ray_train"))
+        storage_path = storage.join(self.run, "ray_train") if "://" in self.run else base
+        return train_distributed(
+            cfg,
+            self.path(t, layout.TRAIN_SET),
+            self.path(t, layout.MODEL),
+            storage_path=storage_path,
+            run_name=f"iter_{t:03d}",
+            init_from=init_from,
+        )
+
+    def stage_generate(self, t: int) -> dict[str, Any]:
+        from raycollapse.stages.generate import generate_pool
+
+        res = self.cfg.resources
+        return generate_pool(
+            self.path(t, layout.MODEL),
+            self.path(t, layout.POOL),
+            checks.pool_size(self.cfg),
+            seed=derived_seed(self.cfg.seed, t, "generate"),
+            sample_cfg=self.cfg.sample,
+            iteration=t,
+            actors=res.generate_actors,
+            gpus_per_actor=res.generate_gpus_per_actor,
+        )
+
+    def stage_embed(self, t: int) -> dict[str, Any]:
+        from raycollapse.stages.embed import embed_pool
+
+        out: dict[str, Any] = {}
+        for f in self.features:
+            m = embed_pool(self.path(t, layout.POOL), self.path(t, layout.EMBEDDINGS, f), self.feature_cfg(f), **self.embed_resources())
+            out[f"images_per_second_{f}"] = m["images_per_second"]
+        return out
+
+    def stage_metrics(self, t: int) -> dict[str, Any]:
+        refs = read_train_refs(self.path(t, layout.TRAIN_SET))
+        row = iteration_metrics(
+            self.cat, t, refs, features=self.features, k=self.cfg.knn.k, eps=self.cfg.knn.eps,
+            fid_available=fid_available(self.features),
+        )  # fmt: skip
+        for stage in STAGES[:-1]:
+            info = self.rd.stage_info(t, stage)
+            row[f"seconds_{stage}"] = info.get("seconds")
+            for key in ("images_per_second",):
+                if key in info:
+                    row[f"{stage}_{key}"] = info[key]
+        write_samples_png(self.cat, t, self.path(t, layout.SAMPLES_PNG))
+        write_nearest(self.cat, t, refs, self.features[0], nearest_uri(self.run, t))
+        storage.write_text_atomic(self.path(t, layout.ITER_METRICS), json.dumps(row, indent=1, sort_keys=True))
+        rows = [r for r in self.rd.metrics() if r["iteration"] != t] + [row]
+        self.rd.write_metrics(rows)
+        return {"row": row}
+
+    # -- helpers ------------------------------------------------------------------------------
+    def feature_cfg(self, name: str) -> dict[str, Any]:
+        f = dict(to_dict(self.cfg)["features"])
+        if name != f["name"]:
+            f["pretrained"] = None
+        f["name"] = name
+        return f
+
+    def embed_resources(self) -> dict[str, Any]:
+        res = self.cfg.resources
+        return {"actors": res.embed_actors, "gpus_per_actor": res.embed_gpus_per_actor, "cpus_per_actor": res.cpus_per_actor}
+
+
+def sel_features(cfg: DictConfig) -> str:
+    return str(cfg.features.name)
+
+
+def fid_available(features: list[str]) -> bool:
+    """FID needs clean-fid's real Inception weights, not the random stand-in."""
+    if "inception" not in features:
+        return False
+    try:
+        return not check_weights_available("inception", None).random
+    except UserInputError:
+        return False
+
+
+def run_loop(cfg: DictConfig, *, fork: bool = False, until: str | None = None, log: Callable[[str], None] = _log) -> str:
+    """Run (or resume) the loop of ``cfg``; returns the run folder. See the module docstring.
+
+    ``until="ITER:STAGE"`` stops after that stage (e.g. ``1:generate``): the run stays resumable.
+    """
+    checks.check_static(cfg)
+    stop_at = _parse_until(until, cfg.loop.iterations)
+    if fork:
+        cfg = OmegaConf.merge(cfg, {"loop": {"storage": f"{cfg.loop.storage}-fork-{config_digest(to_dict(cfg))}"}})
+    rd = RunDir(str(cfg.loop.storage))
+    rows = rd.metrics() if rd.saved_config() is not None else []
+    rd_check = rd.saved_config()
+    if rd_check is not None:
+        rd.claim(cfg)  # refuses a changed config
+        if len(rows) >= cfg.loop.iterations and all(rd.is_done(t, "metrics") for t in range(cfg.loop.iterations)):
+            log(f"run '{rd.path}' already finished all {cfg.loop.iterations} iterations; nothing to do.")
+            return rd.path
+    real = load_records(cfg.data)
+    checks.check_real_size(cfg, len(real))
+    checks.check_writable(rd.path)
+    rd.claim(cfg)
+    from raycollapse.stages.runtime import ensure_ray
+
+    ensure_ray()
+    loop = Loop(cfg, rd, Catalog(rd.path, int(cfg.data.channels)), checks.feature_spaces(cfg), log)
+    log(f"run '{rd.path}': {cfg.loop.iterations} iterations, paradigm {cfg.loop.paradigm}, selection {cfg.select.method}")
+    _do(loop, 0, "real", lambda: loop.stage_real(real))
+    for t in range(cfg.loop.iterations):
+        for stage in STAGES:
+            _do(loop, t, stage, lambda t=t, stage=stage: getattr(loop, f"stage_{stage}")(t))
+            if stop_at == (t, stage):
+                log(f"stopped after iteration {t} stage {stage} (--until); re-run to continue.")
+                return rd.path
+        row = rd.metrics()[-1]
+        log(
+            f"iteration {t}: entropy_train={_fmt(row.get('entropy_train'))} "
+            f"generalization_score={_fmt(row.get('generalization_score'))} "
+            f"memorized_fraction={_fmt(row.get('memorized_fraction'))}"
+        )
+    log(f"run finished: {rd.path}")
+    return rd.path
+
+
+def _do(loop: Loop, t: int, stage: str, fn: Callable[[], dict[str, Any]]) -> None:
+    if loop.rd.is_done(t, stage):
+        loop.log(f"iteration {t} {stage}: done before, skipped")
+        return
+    loop.log(f"iteration {t} {stage} ...")
+    start = time.perf_counter()
+    info = fn() or {}
+    seconds = time.perf_counter() - start
+    keep = {k: v for k, v in info.items() if isinstance(v, int | float | str | bool) or v is None}
+    loop.rd.mark_done(t, stage, {**keep, "seconds": seconds})
+    loop.log(f"iteration {t} {stage}: {seconds:.1f} s")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _parse_until(until: str | None, iterations: int) -> tuple[int, str] | None:
+    if until is None:
+        return None
+    it, _, stage = until.partition(":")
+    if not it.isdigit() or stage not in STAGES or int(it) >= iterations:
+        raise UserInputError(
+            f"--until '{until}' must look like ITER:STAGE with ITER < {iterations} and STAGE one of {', '.join(STAGES)}."
+        )
+    return int(it), stage

@@ -1,0 +1,432 @@
+"""Exact kNN over a database split into shards, one Ray actor per shard.
+
+Rows are cut into ``S`` contiguous shards (shard s holds global rows ``offsets[s]`` ..
+``offsets[s] + sizes[s] - 1``); each :class:`KnnShard` actor holds one FAISS flat index of its
+rows. A search sends every query batch to all shards, each returns its own top-k with *global*
+indices, and the driver merges them with :func:`~raycollapse.core.knn.merge_topk`, ordering by
+(exact distance, global index). The result is therefore the same as the in-process core path
+(:func:`~raycollapse.core.knn.knn_search` / :func:`~raycollapse.core.knn.knn_self`): same
+float64 distances bit for bit, same indices, ties included.
+
+Data reaches the actors either through the object store (an array on the driver) or, for
+Parquet embedding shards (local folder or a ``s3://``-style URI), each actor reads its own
+row range: the driver then reads only file footers and never holds the vectors. For a
+within-set search the query batches are the shards' own rows, passed actor to actor as object
+refs, so that path never ships the vectors through the driver either.
+
+Memory per actor: its rows (n_s x d float32) plus one query batch; on the driver: one batch of
+merged results per in-flight batch, and the (N, k) output.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from raycollapse.core.entropy import EntropyResult, entropy_from_knn_distances
+from raycollapse.core.inputs import EMBEDDING_COLUMN, _list_column_to_matrix
+from raycollapse.core.knn import FlatIndex, KnnResult, drop_self, merge_topk
+from raycollapse.core.metrics import generalization_from_distances, memorized_from_distances
+from raycollapse.core.storage import list_files, open_fs, read_parquet
+from raycollapse.core.validate import as_features, check_k
+from raycollapse.errors import UserInputError
+from raycollapse.stages.base import Batch, Stage, check_resources
+from raycollapse.stages.runtime import ensure_ray
+
+__all__ = [
+    "KnnShard",
+    "ShardedIndex",
+    "check_shards",
+    "embedding_parquet_files",
+    "parquet_row_counts",
+]
+
+# Query batches submitted ahead of the one being merged: keeps every actor busy while the
+# driver merges, and bounds the object-store memory used by in-flight batches.
+_WINDOW = 4
+
+
+def check_shards(shards: Any, n: int) -> int:
+    """``shards`` as an int in 1..n, else UserInputError: every shard needs at least one row."""
+    if isinstance(shards, bool) or not isinstance(shards, numbers.Integral) or shards < 1:
+        raise UserInputError(f"shards must be an integer >= 1, got {shards!r}; pass --shards S")
+    if shards > n:
+        raise UserInputError(
+            f"--shards {shards} is larger than the number of rows N={n}; every shard needs at "
+            f"least one row, pass --shards <= {n} (1 runs in-process without Ray)"
+        )
+    return int(shards)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Rows ``start`` .. ``stop - 1`` of one Parquet file."""
+
+    path: str
+    start: int
+    stop: int
+
+
+@dataclass
+class _ShardStage(Stage):
+    """Resource declaration of one shard actor, so :func:`check_resources` can vet it."""
+
+    name: str = "knn shards"
+
+    def process_batch(self, batch: Batch) -> Batch:  # pragma: no cover - never mapped
+        raise NotImplementedError("knn shards are actors, not a Ray Data stage")
+
+
+@ray.remote
+class KnnShard:
+    """One shard: a :class:`FlatIndex` of global rows ``offset`` .. ``offset + ntotal - 1``."""
+
+    def __init__(self, shard: int, offset: int, *, threads: int, device: str = "cpu") -> None:
+        self.shard = shard
+        self.offset = offset
+        self.threads = threads
+        self.device = device
+        self.index: FlatIndex | None = None
+
+    def load_array(self, x: np.ndarray) -> tuple[int, int]:
+        """Index the rows ``x`` (from the object store); returns (rows, d)."""
+        name = f"embeddings of shard {self.shard} (rows {self.offset}..{self.offset + len(x) - 1})"
+        x = as_features(x, name, min_rows=1)
+        self.index = FlatIndex(x.shape[1], device=self.device, threads=self.threads)
+        self.index.add(x)
+        return self.index.ntotal, self.index.d
+
+    def load_parquet(self, pieces: Sequence[_Piece], column: str) -> tuple[int, int]:
+        """Read this shard's rows from Parquet files itself; returns (rows, d)."""
+        parts = []
+        for p in pieces:
+            table = read_parquet(p.path, columns=[column]).slice(p.start, p.stop - p.start)
+            values = table.column(column).combine_chunks()
+            parts.append(_list_column_to_matrix(values, column, p.path).astype(np.float32))
+        return self.load_array(np.concatenate(parts) if len(parts) > 1 else parts[0])
+
+    def search(self, queries: np.ndarray, k: int, batch_size: int) -> KnnResult:
+        """This shard's ``min(k, rows)`` nearest rows of each query, with GLOBAL indices."""
+        assert self.index is not None, "load_array/load_parquet first"
+        res = self.index.search(queries, min(k, self.index.ntotal), batch_size=batch_size)
+        return KnnResult(res.distances, res.indices + self.offset)
+
+    def self_search(self, start: int, stop: int, k: int, batch_size: int) -> KnnResult:
+        """:meth:`search` with this shard's own rows ``start`` .. ``stop - 1`` as queries."""
+        assert self.index is not None, "load_array/load_parquet first"
+        return self.search(self.index.data()[start:stop], k, batch_size)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """A copy of local rows ``start`` .. ``stop - 1`` (query batches for other shards)."""
+        assert self.index is not None, "load_array/load_parquet first"
+        return self.index.data()[start:stop].copy()
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on."""
+        return ray.get_runtime_context().get_node_id()
+
+
+def _get(refs: Any) -> Any:
+    """``ray.get`` that re-raises a remote UserInputError as itself (clean CLI message)."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, UserInputError):
+            raise UserInputError(str(cause)) from None
+        raise
+
+
+def _pipelined(items: Iterable[Any], submit: Callable[[Any], list]) -> Iterator[tuple[Any, list]]:
+    """Yield ``(item, results)`` in order, with up to ``_WINDOW`` items submitted ahead."""
+    pending: deque[tuple[Any, list]] = deque()
+    for item in items:
+        pending.append((item, submit(item)))
+        if len(pending) >= _WINDOW:
+            done, refs = pending.popleft()
+            yield done, _get(refs)
+    while pending:
+        done, refs = pending.popleft()
+        yield done, _get(refs)
+
+
+def embedding_parquet_files(path: str | Path, column: str = EMBEDDING_COLUMN) -> list[str] | None:
+    """The Parquet files of INPUT, in :func:`load_features`' row order, when INPUT is a Parquet
+    file or folder (local or URI) whose first file has ``column``; else None."""
+    text = str(path)
+    if "://" in text:
+        files = list_files(text)
+    else:
+        p = Path(text)
+        if p.is_file() and p.suffix == ".parquet":
+            files = [text]
+        elif p.is_dir():
+            # Same order as load_features (sorted Paths), so global row i is its row i.
+            files = [str(f) for f in sorted(p.rglob("*.parquet"))]
+        else:
+            return None
+    if not files:
+        return None
+    fs, inner = open_fs(files[0])
+    return files if column in pq.read_schema(inner, filesystem=fs).names else None
+
+
+def parquet_row_counts(files: Sequence[str], column: str) -> list[int]:
+    """Rows per file from the Parquet footers (no data read); checks ``column`` is present."""
+    counts = []
+    for f in files:
+        fs, inner = open_fs(f)
+        meta = pq.read_metadata(inner, filesystem=fs)
+        if column not in meta.schema.to_arrow_schema().names:
+            raise UserInputError(
+                f"Parquet shard '{f}' has no '{column}' column; every shard needs it"
+            )
+        counts.append(meta.num_rows)
+    return counts
+
+
+def _plan_pieces(
+    files: Sequence[str], counts: Sequence[int], bounds: np.ndarray
+) -> list[list[_Piece]]:
+    """For each shard [bounds[s], bounds[s+1]): the file row ranges that make it up, in order."""
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    plan = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        pieces = [
+            _Piece(f, int(max(a, fs) - fs), int(min(b, fe) - fs))
+            for f, fs, fe in zip(files, starts[:-1], starts[1:], strict=True)
+            if fs < b and fe > a
+        ]
+        plan.append(pieces)
+    return plan
+
+
+class ShardedIndex:
+    """Driver-side handle on ``S`` :class:`KnnShard` actors; use :meth:`build`.
+
+    Use as a context manager (or call :meth:`shutdown`) so the actors are killed promptly.
+    """
+
+    def __init__(
+        self, actors: list, offsets: list[int], sizes: list[int], d: int, batch_size: int
+    ) -> None:
+        self._actors = actors
+        self.offsets = offsets
+        self.sizes = sizes
+        self.d = d
+        self.batch_size = batch_size
+
+    @property
+    def shards(self) -> int:
+        return len(self._actors)
+
+    @property
+    def n(self) -> int:
+        """Rows in the database (all shards)."""
+        return int(sum(self.sizes))
+
+    @classmethod
+    def build(
+        cls,
+        source: np.ndarray | str | Path | Sequence[str],
+        shards: int,
+        *,
+        num_cpus_per_shard: float = 1.0,
+        num_gpus_per_shard: float = 0.0,
+        spread: bool = True,
+        batch_size: int = 4096,
+        column: str = EMBEDDING_COLUMN,
+        start_timeout_s: float | None = 600.0,
+    ) -> ShardedIndex:
+        """Start ``shards`` actors over the rows of ``source`` cut into contiguous shards.
+
+        ``source``: an (N, d) array (sent through the object store), or a Parquet file, folder
+        or URI, or an explicit list of Parquet files, with an embedding ``column`` (each actor
+        reads its own rows). ``spread``: place actors with the SPREAD strategy, so shards land
+        on different nodes (memory per node). Each actor's FAISS uses ``max(1,
+        int(num_cpus_per_shard))`` threads; ``num_gpus_per_shard > 0`` asks for a GPU index
+        (an error when faiss-gpu is missing: never a silent CPU fallback). Actors not running
+        after ``start_timeout_s`` (their CPUs/GPUs held by other work) raise UserInputError
+        instead of waiting forever; None waits (e.g. for an autoscaler).
+        """
+        x: np.ndarray | None = None
+        if isinstance(source, (str, Path)):
+            files = embedding_parquet_files(source, column)
+            if files is None:
+                raise UserInputError(
+                    f"'{source}' is not Parquet with an '{column}' column; pass an array "
+                    "(e.g. from load_features) or Parquet embedding shards"
+                )
+        elif isinstance(source, Sequence) and source and all(isinstance(f, str) for f in source):
+            files = list(source)
+        else:
+            x = as_features(source, "database", min_rows=1)
+        counts = [x.shape[0]] if x is not None else parquet_row_counts(files, column)
+        n = int(sum(counts))
+        shards = check_shards(shards, n)
+        bounds = (np.arange(shards + 1, dtype=np.int64) * n) // shards
+        ensure_ray()
+        check_resources(
+            _ShardStage(num_cpus=num_cpus_per_shard, num_gpus=num_gpus_per_shard), shards
+        )
+        opts: dict[str, Any] = {"num_cpus": num_cpus_per_shard, "num_gpus": num_gpus_per_shard}
+        if spread:
+            opts["scheduling_strategy"] = "SPREAD"
+        device = "cuda" if num_gpus_per_shard > 0 else "cpu"
+        threads = max(1, int(num_cpus_per_shard))
+        actors = [
+            KnnShard.options(**opts).remote(s, int(bounds[s]), threads=threads, device=device)
+            for s in range(shards)
+        ]
+        try:
+            started = [a.node_id.remote() for a in actors]
+            _, pending = ray.wait(started, num_returns=shards, timeout=start_timeout_s)
+            if pending:
+                raise UserInputError(
+                    f"{len(pending)} of {shards} kNN shard actors did not start within "
+                    f"{start_timeout_s:g} s: no node has {num_cpus_per_shard:g} CPU(s) and "
+                    f"{num_gpus_per_shard:g} GPU(s) free (other work holds them); free them, "
+                    "add nodes, use fewer shards or fewer CPUs per shard"
+                )
+            if x is not None:  # one object per shard: each node pulls only its own rows
+                parts = [ray.put(x[bounds[s] : bounds[s + 1]]) for s in range(shards)]
+                loads = [a.load_array.remote(p) for a, p in zip(actors, parts, strict=True)]
+            else:
+                plan = _plan_pieces(files, counts, bounds)
+                loads = [
+                    a.load_parquet.remote(p, column) for a, p in zip(actors, plan, strict=True)
+                ]
+            info = _get(loads)
+            dims = {d for _, d in info}
+            if len(dims) != 1:
+                raise UserInputError(
+                    f"embedding shards differ in dimension {sorted(dims)}; re-embed"
+                )
+        except BaseException:  # never leave actors holding CPUs and memory behind
+            for a in actors:
+                ray.kill(a)
+            raise
+        sizes = [int(rows) for rows, _ in info]
+        return cls(actors, [int(b) for b in bounds[:-1]], sizes, dims.pop(), batch_size)
+
+    # --- searches ---------------------------------------------------------------------------
+
+    def _check_k(self, k: Any) -> int:
+        if not self._actors:
+            raise RuntimeError("this ShardedIndex was shut down; build a new one")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= self.n:
+            raise UserInputError(f"k must be an integer in 1..N={self.n}, got {k!r}; lower --k")
+        return int(k)
+
+    def search(self, queries: np.ndarray, k: int, batch_size: int | None = None) -> KnnResult:
+        """The ``k`` nearest database rows of each query row; equals ``knn_search``."""
+        q = as_features(queries, "queries", min_rows=1)
+        if q.shape[1] != self.d:
+            raise UserInputError(
+                f"queries have {q.shape[1]} features but the index has d={self.d}; embed "
+                "queries and database with the same feature extractor"
+            )
+        k = self._check_k(k)
+        bs = batch_size or self.batch_size
+        out_d = np.empty((q.shape[0], k), dtype=np.float64)
+        out_i = np.empty((q.shape[0], k), dtype=np.int64)
+
+        def submit(start: int) -> list:
+            ref = ray.put(q[start : start + bs])
+            return [a.search.remote(ref, k, bs) for a in self._actors]
+
+        for start, results in _pipelined(range(0, q.shape[0], bs), submit):
+            # Indices are already global: offsets of 0.
+            merged = merge_topk(results, [0] * self.shards, k)
+            out_d[start : start + bs], out_i[start : start + bs] = merged.distances, merged.indices
+        return KnnResult(out_d, out_i)
+
+    def _self_batches(self, k: int, batch_size: int | None) -> Iterator[tuple[int, KnnResult]]:
+        """(global first row, k neighbours excluding self) per batch of database rows."""
+        self._check_k(k)  # live actors
+        k = check_k(k, self.n)
+        bs = batch_size or self.batch_size
+        items = [
+            (s, a, min(a + bs, size))
+            for s, size in enumerate(self.sizes)
+            for a in range(0, size, bs)
+        ]
+
+        def submit(item: tuple[int, int, int]) -> list:
+            s, a, b = item
+            owner = self._actors[s]
+            # The owner searches its own rows in place; the others get them actor to actor.
+            rows = owner.rows.remote(a, b) if self.shards > 1 else None
+            return [
+                owner.self_search.remote(a, b, k + 1, bs)
+                if t == s
+                else actor.search.remote(rows, k + 1, bs)
+                for t, actor in enumerate(self._actors)
+            ]
+
+        for (s, a, b), results in _pipelined(items, submit):
+            # k + 1 from every shard, merged, then the point itself removed by global index:
+            # exactly the core knn_self rule (drop_self), so duplicates rank the same way.
+            merged = merge_topk(results, [0] * self.shards, k + 1)
+            ids = np.arange(self.offsets[s] + a, self.offsets[s] + b, dtype=np.int64)
+            yield self.offsets[s] + a, drop_self(merged, ids, k)
+
+    def knn_self(self, k: int, batch_size: int | None = None) -> KnnResult:
+        """The ``k`` nearest other rows of every database row; equals core ``knn_self``."""
+        k = check_k(k, self.n)  # before allocating (N, k)
+        out_d = np.empty((self.n, k), dtype=np.float64)
+        out_i = np.empty((self.n, k), dtype=np.int64)
+        for start, res in self._self_batches(k, batch_size):
+            out_d[start : start + len(res.distances)] = res.distances
+            out_i[start : start + len(res.indices)] = res.indices
+        return KnnResult(out_d, out_i)
+
+    def kth_distances(self, k: int, batch_size: int | None = None) -> np.ndarray:
+        """r_k: each row's distance to its k-th nearest other row (N floats, not (N, k))."""
+        k = check_k(k, self.n)
+        r_k = np.empty(self.n, dtype=np.float64)
+        for start, res in self._self_batches(k, batch_size):
+            r_k[start : start + len(res.distances)] = res.distances[:, k - 1]
+        return r_k
+
+    # --- metrics ----------------------------------------------------------------------------
+
+    def entropy(
+        self, k: int = 3, eps: float = 1e-10, *, bootstrap: int = 0, seed: int = 0
+    ) -> EntropyResult:
+        """KL entropy of the database rows; equals core ``kl_entropy``."""
+        r_k = self.kth_distances(k)
+        return entropy_from_knn_distances(r_k, self.d, k, eps, bootstrap=bootstrap, seed=seed)
+
+    def generalization_score(self, generated: np.ndarray) -> float:
+        """Mean distance of ``generated`` rows to their nearest database (training) row."""
+        return generalization_from_distances(self.search(generated, 1).distances[:, 0])
+
+    def memorized_fraction(self, generated: np.ndarray, ratio: float = 1 / 3) -> float:
+        """Share of ``generated`` rows with d1 < ratio * d2 against the database rows."""
+        res = self.search(generated, 2)
+        return memorized_from_distances(res.distances[:, 0], res.distances[:, 1], ratio)
+
+    def node_ids(self) -> list[str]:
+        """The Ray node of each shard actor, in shard order."""
+        return _get([a.node_id.remote() for a in self._actors])
+
+    def shutdown(self) -> None:
+        """Kill the shard actors (idempotent)."""
+        for a in self._actors:
+            ray.kill(a)
+        self._actors = []
+
+    def __enter__(self) -> ShardedIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
