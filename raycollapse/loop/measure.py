@@ -70,6 +70,8 @@ def iteration_metrics(
         if i == 0:
             row.update(prdc(real_x, pool_x, k=5))
     row["fid"] = row.get("fd_inception") if fid_available else None
+    # Every origin so far gets a share (0 when absent) so lineage columns line up across rows.
+    row.update({f"share_{o}": 0.0 for o in ["real", *(origin_of(k) for k in range(iteration))]})
     row.update(lineage([o for o, _ in train_refs]))
     return {k_: (None if isinstance(v, float) and not math.isfinite(v) else v) for k_, v in row.items()}
 
