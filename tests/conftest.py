@@ -16,15 +16,19 @@ _LOCAL_ARGS = dict(
 )
 
 
-@pytest.fixture
-def ray_local():
-    """A local Ray with 2 CPUs (this machine's size) and a 1.5 GB object store."""
+def start_local_ray():
+    """A local Ray with 2 CPUs (this machine's size) and a 1.5 GB object store, started once."""
     import ray
 
     if not ray.is_initialized():
         # address='local': never attach to another Ray that happens to run on this machine.
         ray.init(address="local", **_LOCAL_ARGS)
     return ray
+
+
+@pytest.fixture
+def ray_local():
+    return start_local_ray()
 
 
 @pytest.fixture

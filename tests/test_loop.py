@@ -99,9 +99,19 @@ def test_two_iterations(ray_local, tmp_path, paradigm, method, extra):
     assert rows[1]["share_gen_0"] == pytest.approx(origins.count("gen_0") / len(origins))
 
 
-def test_resume_at_every_stage_boundary_equals_uninterrupted(ray_local, tmp_path):
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted two-iteration run, shared by the resume tests."""
+    from conftest import start_local_ray
+
+    start_local_ray()
+    ref = tmp_path_factory.mktemp("loop") / "ref"
     run_loop(tiny_cfg(ref), log=lambda m: None)
+    return ref
+
+
+def test_resume_at_every_stage_boundary_equals_uninterrupted(ray_local, reference_run, tmp_path):
+    ref, cut = reference_run, tmp_path / "cut"
     for stage in STAGES:  # stop after each stage of iteration 1 (and so of 0), then resume
         run_loop(tiny_cfg(cut), until=f"1:{stage}", log=lambda m: None)
     run_loop(tiny_cfg(cut), log=lambda m: None)
@@ -111,10 +121,9 @@ def test_resume_at_every_stage_boundary_equals_uninterrupted(ray_local, tmp_path
     assert any("already finished" in s for s in said)
 
 
-def test_killed_driver_resumes(ray_local, tmp_path):
+def test_killed_driver_resumes(ray_local, reference_run, tmp_path):
     """SIGKILL the real CLI process once a stage marker appears; the re-run finishes the same."""
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    run_loop(tiny_cfg(ref), log=lambda m: None)
+    ref, killed = reference_run, tmp_path / "killed"
     env = {**os.environ, "RAY_ADDRESS": "local"}
     argv = [sys.executable, "-m", "raycollapse.cli.main", "run", "-", *TINY, f"loop.storage={killed}"]
     cfg_file = tmp_path / "empty.yaml"
@@ -133,12 +142,14 @@ def test_killed_driver_resumes(ray_local, tmp_path):
     assert _results(_metrics(killed)) == _results(_metrics(ref))
 
 
-def test_changed_config_is_refused_and_fork(ray_local, tmp_path, capsys):
-    run = tmp_path / "run"
-    run_loop(tiny_cfg(run, "loop.iterations=1"), log=lambda m: None)
+def test_changed_config_is_refused_and_fork(ray_local, reference_run, tmp_path):
+    run = reference_run
+    before = (run / "metrics.json").read_text()
     with pytest.raises(UserInputError, match=r"knn.k: 2 \(saved\) -> 3 \(now\)"):
-        run_loop(tiny_cfg(run, "loop.iterations=1", "knn.k=3"), log=lambda m: None)
-    forked = run_loop(tiny_cfg(run, "loop.iterations=1", "knn.k=3"), fork=True, log=lambda m: None)
-    assert forked != str(run) and Path(forked, "metrics.json").exists()
-    code = main(["report", str(run), forked, "--out", str(tmp_path / "report")])
+        run_loop(tiny_cfg(run, "knn.k=3"), log=lambda m: None)
+    assert (run / "metrics.json").read_text() == before
+    forked = run_loop(tiny_cfg(run, "knn.k=3"), fork=True, until="0:train_set", log=lambda m: None)
+    assert forked != str(run) and Path(forked, "config.yaml").exists()
+    assert "k: 3" in Path(forked, "config.yaml").read_text()
+    code = main(["report", str(run), "--out", str(tmp_path / "report")])
     assert code == 0 and (tmp_path / "report" / "index.html").exists()

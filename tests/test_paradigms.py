@@ -39,12 +39,12 @@ def test_unknown_paradigm():
 
 
 def test_pick_fresh_real_never_reuses_and_is_seeded():
-    used = {0, 1, 2}
-    a = pick_fresh_real(10, used, 4, seed=3, iteration=1)
-    assert len(set(a.tolist())) == 4 and not used & set(a.tolist())
-    np.testing.assert_array_equal(a, pick_fresh_real(10, used, 4, seed=3, iteration=1))
+    used = {0, 1, 2, 102}
+    a = pick_fresh_real(np.arange(10) + 100, used | {100, 101}, 4, seed=3, iteration=1)
+    assert len(set(a.tolist())) == 4 and not {100, 101, 102} & set(a.tolist()) and a.min() >= 100
+    np.testing.assert_array_equal(a, pick_fresh_real(np.arange(10) + 100, used | {100, 101}, 4, seed=3, iteration=1))
     with pytest.raises(UserInputError, match="only 7 remain"):
-        pick_fresh_real(10, used, 8, seed=3, iteration=1)
+        pick_fresh_real(np.arange(10) + 100, used | {100, 101}, 8, seed=3, iteration=1)
 
 
 def test_lineage_shares():

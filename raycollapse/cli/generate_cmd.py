@@ -7,8 +7,12 @@ multiple of ``sample.group_size``).
 
 Sample ``i`` depends only on the checkpoint, ``--seed``, ``i`` and the sampler settings (see
 ``raycollapse.core.diffusion``): ``--batch-size`` changes memory use and shard size, not the
-samples. Flags are shorthands for ``sample.*`` config keys. One process for now; the Ray stages
-run the same per-sample function on Ray Data.
+samples. Flags are shorthands for ``sample.*`` config keys.
+
+With ``--actors A`` (and ``--gpus-per-actor G``) the samples are made by the Ray Data generation
+stage (``raycollapse.stages.generate``) on an actor pool of the current Ray cluster: the same
+samples, written as shards ``part-<shard>.parquet`` ``{id, image, label, iteration, seed}``; for
+``.npy`` / ``.png`` they are generated into a temporary folder and collected.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="samples per call and per shard (sample.batch_size)",
     )
+    p.add_argument("--actors", type=int, default=None, help="run on Ray Data with A actors (resources.generate_actors)")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor (resources.generate_gpus_per_actor)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="sample.sampler")
     p.add_argument(
         "--steps", type=int, default=None, help="DDIM steps (sample.steps); DDPM uses all"
@@ -108,10 +114,13 @@ def run(args: argparse.Namespace) -> int:
             "sample.n": args.n, "sample.out": args.out, "sample.seed": args.seed,
             "sample.batch_size": args.batch_size, "sample.sampler": args.sampler, "sample.steps": args.steps,
             "sample.eta": args.eta, "sample.guidance": args.guidance, "sample.label": args.label,
-            "sample.use_gpu": args.gpu,
+            "sample.use_gpu": args.gpu, "resources.generate_actors": args.actors,
+            "resources.generate_gpus_per_actor": args.gpus_per_actor,
         },
     )  # fmt: skip
     sc = cfg.sample
+    if args.actors is not None or args.gpus_per_actor is not None:
+        return _run_on_ray(args.checkpoint, cfg)
     if not sc.out:
         raise UserInputError(
             "--out is required: OUT.npy, OUT.png or a new folder for Parquet shards."
@@ -172,4 +181,40 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": ckpt.path,
     }
     print(json.dumps(_clean(report)))
+    return 0
+
+
+def _run_on_ray(checkpoint: str, cfg) -> int:
+    """The Ray Data generation stage: same samples, actor pool, atomic shards."""
+    import tempfile
+
+    from raycollapse.core.pixels import save_grid
+    from raycollapse.loop.tables import read_images
+    from raycollapse.stages.generate import generate_pool
+
+    sc, res = cfg.sample, cfg.resources
+    if not sc.out:
+        raise UserInputError("--out is required: OUT.npy, OUT.png or a folder for Parquet shards.")
+    out = str(sc.out)
+    kwargs = dict(
+        seed=sc.seed, sample_cfg=sc, actors=res.generate_actors, gpus_per_actor=res.generate_gpus_per_actor,
+        cpus_per_actor=res.cpus_per_actor, shard_size=sc.batch_size,
+    )  # fmt: skip
+    if out.endswith((".npy", ".png")):
+        with tempfile.TemporaryDirectory(prefix="raycollapse-generate-") as tmp:
+            metrics = generate_pool(checkpoint, tmp, sc.n, **kwargs)
+            from raycollapse.core.checkpoint import read_meta
+
+            _, images, _ = read_images(tmp, int(read_meta(checkpoint)["channels"]))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        if out.endswith(".npy"):
+            from raycollapse.core.atomic import atomic_path
+
+            with atomic_path(out) as t:
+                np.save(t, images)
+        else:
+            save_grid(images, out)
+    else:
+        metrics = generate_pool(checkpoint, out, sc.n, **kwargs)
+    print(json.dumps(_clean({**metrics, "out": out, "format": Path(out).suffix.lstrip(".") or "parquet"})))
     return 0

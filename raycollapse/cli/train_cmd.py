@@ -8,9 +8,13 @@ Writes, under ``train.out``:
 - ``train_state.pt`` while training (every ``train.checkpoint_every`` steps); a re-run of the same
   command resumes from it, and it is removed once the checkpoint is written.
 
+With ``train.workers=W > 1`` (or ``train.use_gpu=true``) training runs on Ray Train
+(``raycollapse.stages.train``: ``TorchTrainer``, DDP, one Ray Data shard per worker, checkpoints
+every ``train.checkpoint_every`` steps under ``train.out/ray``; re-running resumes from them).
+One worker on a CPU runs in this process: the same core ``train_step``, no Ray start-up.
+
 Prints one JSON object on stdout (``steps``, ``loss_first``, ``loss_last``, ``images_per_second``,
-``checkpoint``, ``seconds``, ...); progress goes to stderr. One process: the Ray Train version
-(``train.workers > 1``) is the training stage of the loop.
+``checkpoint``, ``seconds``, ...); progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -56,11 +60,10 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     tc, mc, dc = cfg.train, cfg.model, cfg.data
-    if tc.workers != 1:
-        raise UserInputError(
-            f"raycollapse train runs in one process; train.workers={tc.workers} is for the loop's Ray Train "
-            "stage. Set train.workers=1 here."
-        )
+    if tc.workers < 1:
+        raise UserInputError(f"train.workers must be >= 1, got {tc.workers}.")
+    if tc.workers > 1 or tc.use_gpu:
+        return _run_on_ray(cfg, t0)
     device = resolve_device(tc.use_gpu)
     if tc.cpu_threads is not None:
         if tc.cpu_threads < 1:
@@ -162,4 +165,19 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
     }
     print(json.dumps(_clean(report)))
+    return 0
+
+
+def _run_on_ray(cfg, t0: float) -> int:
+    """Ray Train (DDP over ``train.workers``), resumable from ``train.out/ray``."""
+    from raycollapse.core.datasets import load_records
+    from raycollapse.stages.train import train_distributed
+
+    out = Path(cfg.train.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    res = train_distributed(
+        cfg, load_records(cfg.data), out / "checkpoint", storage_path=out / "ray", run_name="train"
+    )
+    print(json.dumps(_clean({**res, "seconds": time.perf_counter() - t0})))
     return 0

@@ -117,17 +117,20 @@ class Loop:
         refs = plan.keep + [plan.candidates[int(i)] for i in idx]
         if plan.n_fresh:
             used = {i for k in range(t) for o, i in read_train_refs(self.path(k, layout.TRAIN_SET)) if o == "real"}
-            n_real = len(self.cat.images("real")[0])
-            refs += [("real", int(i)) for i in pick_fresh_real(n_real, used, plan.n_fresh, cfg.seed, t)]
+            real_ids = self.cat.images("real")[0]
+            refs += [("real", int(i)) for i in pick_fresh_real(real_ids, used, plan.n_fresh, cfg.seed, t)]
         return refs
 
     def stage_train(self, t: int) -> dict[str, Any]:
         from raycollapse.stages.train import train_distributed
 
-        cfg = OmegaConf.merge(self.cfg, {"train": {"seed": derived_seed(self.cfg.seed, t, "train")}})
-        init_from = None
-        if self.cfg.train.init == "finetune" and t > 0:
-            init_from = self.path(t - 1, layout.MODEL)
+        # Iteration 0 always starts from scratch; later ones fine-tune the previous model if asked.
+        finetune = self.cfg.train.init == "finetune" and t > 0
+        cfg = OmegaConf.merge(
+            self.cfg,
+            {"train": {"seed": derived_seed(self.cfg.seed, t, "train"), "init": "finetune" if finetune else "scratch"}},
+        )
+        init_from = self.path(t - 1, layout.MODEL) if finetune else None
         fs, base = storage.open_fs(storage.join(self.run, "ray_train"))
         storage_path = storage.join(self.run, "ray_train") if "://" in self.run else base
         return train_distributed(
