@@ -30,8 +30,12 @@ class DataConfig:
     resolution: int = 8  # images are resized + center-cropped to resolution x resolution
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     seed: int = 0
-    on_corrupt: Literal["skip", "error"] = "error"  # unreadable image files: skip and count, or refuse
-    on_small: Literal["upscale", "skip", "error"] = "error"  # images below resolution (digits always upscale)
+    on_corrupt: Literal["skip", "error"] = (
+        "error"  # unreadable image files: skip and count, or refuse
+    )
+    on_small: Literal["upscale", "skip", "error"] = (
+        "error"  # images below resolution (digits always upscale)
+    )
     image_column: str = "image"  # parquet sources
     label_column: str | None = "label"  # parquet sources; null = unlabelled
 
@@ -78,7 +82,9 @@ class TrainConfig:
     out: str = "runs/train"
     workers: int = 1  # Ray Train workers (DDP)
     use_gpu: bool = False
-    cpu_threads: int | None = None  # torch threads for CPU training; null = torch's default (all cores)
+    cpu_threads: int | None = (
+        None  # torch threads for CPU training; null = torch's default (all cores)
+    )
     max_failures: int = 2
 
 
@@ -88,8 +94,12 @@ class SampleConfig:
 
     sampler: Literal["ddim", "ddpm"] = "ddim"  # ddim: see benchmarks/README.md (DDPM section)
     steps: int = 50  # DDIM steps; DDPM always runs all diffusion.num_train_timesteps
-    eta: float = 0.5  # DDIM noise: 0 = deterministic ODE, 1 = DDPM-like; 0.5 had the best FD at 50 steps
-    guidance: float | None = None  # CFG scale w: eps_u + w (eps_c - eps_u); needs a class-conditional model
+    eta: float = (
+        0.5  # DDIM noise: 0 = deterministic ODE, 1 = DDPM-like; 0.5 had the best FD at 50 steps
+    )
+    guidance: float | None = (
+        None  # CFG scale w: eps_u + w (eps_c - eps_u); needs a class-conditional model
+    )
     label: int | None = None  # fixed label for every sample; null = sample id mod num_classes
     n: int = 64  # samples to generate (raycollapse generate --n)
     out: str | None = None  # .npy array, .png grid, or a folder of Parquet shards (--out)
@@ -104,7 +114,9 @@ class FeaturesConfig:
     """The feature space that entropy, selection and metrics work in."""
 
     name: Literal["pixel", "clip", "dinov2", "inception"] = "pixel"
-    pretrained: str | None = None  # hub tag, local file, or "none" (random weights); null = default tag
+    pretrained: str | None = (
+        None  # hub tag, local file, or "none" (random weights); null = default tag
+    )
     batch_size: int = 256
     dtype: Literal["float32", "float16"] = "float32"
     clip_model: str = "ViT-B-32"  # open_clip architecture (``open_clip.list_models()``)
@@ -212,13 +224,17 @@ def load_config(
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
-            raise UserInputError(f"config file '{path}' does not exist; pass an existing YAML file.")
+            raise UserInputError(
+                f"config file '{path}' does not exist; pass an existing YAML file."
+            )
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise UserInputError(f"config file '{path}' is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
-            raise UserInputError(f"config file '{path}' must hold a mapping of sections, not {type(data).__name__}.")
+            raise UserInputError(
+                f"config file '{path}' must hold a mapping of sections, not {type(data).__name__}."
+            )
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
         except OmegaConfBaseException as exc:
@@ -262,7 +278,9 @@ def to_dict(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+def diff_configs(
+    a: dict[str, Any], b: dict[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
     """Dotted keys whose values differ between two plain config dicts: ``(key, a_value, b_value)``."""
     out: list[tuple[str, Any, Any]] = []
     for key in sorted(set(a) | set(b)):

@@ -39,7 +39,9 @@ def run_variants(config: str, out: Path, extra: list[str]) -> dict[str, Path]:
     for name, overrides in VARIANTS.items():
         argv = [sys.executable, "-m", "raycollapse.cli.main", "run", config, *overrides,
                 f"loop.storage={out / name}", *extra]  # fmt: skip
-        procs[name] = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        procs[name] = subprocess.Popen(
+            argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
     threads = [threading.Thread(target=_stream, args=(n, p), daemon=True) for n, p in procs.items()]
     for t in threads:
         t.start()
@@ -47,7 +49,9 @@ def run_variants(config: str, out: Path, extra: list[str]) -> dict[str, Path]:
     for t in threads:
         t.join(timeout=5)
     if failed:
-        raise SystemExit(f"quickstart: run(s) {', '.join(failed)} failed; re-run `make quickstart` to resume.")
+        raise SystemExit(
+            f"quickstart: run(s) {', '.join(failed)} failed; re-run `make quickstart` to resume."
+        )
     return {n: out / n for n in VARIANTS}
 
 
@@ -79,19 +83,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--out", default="runs/quickstart")
-    parser.add_argument("overrides", nargs="*", default=[], help="key=value overrides for both runs")
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="key=value overrides for both runs"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
-    print(f"quickstart: two runs of {args.config} side by side under {out}/ (progress below)", flush=True)
+    print(
+        f"quickstart: two runs of {args.config} side by side under {out}/ (progress below)",
+        flush=True,
+    )
     runs = run_variants(args.config, out, list(args.overrides))
     report = out / "report"
-    code = cli(["report", *(str(p) for p in runs.values()), "--out", str(report), "--title", "raycollapse quickstart"])
+    code = cli(
+        [
+            "report",
+            *(str(p) for p in runs.values()),
+            "--out",
+            str(report),
+            "--title",
+            "raycollapse quickstart",
+        ]
+    )
     if code:
         return code
     ok = summarize(runs)
     print(f"\nruns:   {', '.join(str(p) for p in runs.values())}\nreport: {report / 'index.html'}")
     if not ok:
-        print("note: a finding above did not appear in this run; see README (Quickstart) for the calibration.")
+        print(
+            "note: a finding above did not appear in this run; see README (Quickstart) for the calibration."
+        )
     return 0
 
 

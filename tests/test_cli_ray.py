@@ -17,7 +17,9 @@ def ckpt(tmp_path_factory) -> str:
     cfg = load_config(None, ["diffusion.num_train_timesteps=50"])
     unet = build_unet("tiny", resolution=8, channels=1, seed=0)
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint"
-    return save_checkpoint(path, unet, scheduler_from_config(cfg.diffusion), model_meta(cfg.model, cfg.data))
+    return save_checkpoint(
+        path, unet, scheduler_from_config(cfg.diffusion), model_meta(cfg.model, cfg.data)
+    )
 
 
 def test_generate_on_ray_equals_in_process(ckpt, tmp_path, ray_local, capsys):
@@ -31,7 +33,9 @@ def test_generate_on_ray_equals_in_process(ckpt, tmp_path, ray_local, capsys):
 
 
 def test_generate_asks_for_gpus_the_cluster_lacks(ckpt, tmp_path, ray_local, capsys):
-    code = main(["generate", ckpt, "--n", "8", "--out", str(tmp_path / "p"), "--gpus-per-actor", "1"])
+    code = main(
+        ["generate", ckpt, "--n", "8", "--out", str(tmp_path / "p"), "--gpus-per-actor", "1"]
+    )
     assert code == 2 and "GPU" in capsys.readouterr().err
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
 

@@ -22,7 +22,9 @@ def test_unknown_key_lists_valid_keys():
     with pytest.raises(UserInputError) as err:
         load_config(None, ["knn.kk=3"])
     msg = str(err.value)
-    assert "knn.kk" in msg and "batch_size" in msg and "eps" in msg and "Did you mean 'knn.k'" in msg
+    assert (
+        "knn.kk" in msg and "batch_size" in msg and "eps" in msg and "Did you mean 'knn.k'" in msg
+    )
 
 
 def test_unknown_section_in_file(tmp_path):

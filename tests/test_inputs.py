@@ -41,7 +41,12 @@ def test_parquet_embedding_file_and_folder(tmp_path):
     folder.mkdir()
     for i, part in enumerate((a, b)):
         ids = np.arange(len(part)) + (0 if i == 0 else len(a))
-        t = pa.table({"id": ids, "embedding": pa.array(list(part.astype(np.float32)), pa.list_(pa.float32()))})
+        t = pa.table(
+            {
+                "id": ids,
+                "embedding": pa.array(list(part.astype(np.float32)), pa.list_(pa.float32())),
+            }
+        )
         pq.write_table(t, folder / f"part-{i:05d}.parquet")
     got = load_features(folder)
     np.testing.assert_allclose(got.features, np.vstack([a, b]).astype(np.float32))
@@ -53,7 +58,9 @@ def test_parquet_embedding_file_and_folder(tmp_path):
 def test_parquet_fixed_size_list_and_image_bytes(tmp_path):
     fixed = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(12, dtype=np.float32)), 3)
     pq.write_table(pa.table({"embedding": fixed}), tmp_path / "f.parquet")
-    np.testing.assert_array_equal(load_features(tmp_path / "f.parquet").features, np.arange(12).reshape(4, 3))
+    np.testing.assert_array_equal(
+        load_features(tmp_path / "f.parquet").features, np.arange(12).reshape(4, 3)
+    )
 
     imgs = [np.full((4, 4), v, dtype=np.uint8) for v in (0, 128, 255)]
     blobs = [_png_bytes(im, tmp_path, f"{i}.png") for i, im in enumerate(imgs)]

@@ -74,12 +74,24 @@ def test_two_iterations(ray_local, tmp_path, paradigm, method, extra):
     rows = _metrics(run)
     assert [r["iteration"] for r in rows] == [0, 1]
     for r in rows:
-        for key in ("entropy_train", "entropy_pool", "entropy_generated", "generalization_score",
-                    "memorized_fraction", "fd_pixel", "precision", "recall", "density", "coverage"):
+        for key in (
+            "entropy_train",
+            "entropy_pool",
+            "entropy_generated",
+            "generalization_score",
+            "memorized_fraction",
+            "fd_pixel",
+            "precision",
+            "recall",
+            "density",
+            "coverage",
+        ):
             assert r[key] is not None and np.isfinite(r[key]), key
         assert r["fid"] is None  # no Inception weights on this machine
     assert (run / "metrics.parquet").exists() and (run / "config.yaml").exists()
-    assert (run / "iter_001" / "samples.png").exists() and (run / "iter_001" / "nearest.parquet").exists()
+    assert (run / "iter_001" / "samples.png").exists() and (
+        run / "iter_001" / "nearest.parquet"
+    ).exists()
     origins = _train_origins(run, 1)
     expected = {
         "replace": (16, {"gen_0"}),
@@ -125,7 +137,15 @@ def test_killed_driver_resumes(ray_local, reference_run, tmp_path):
     """SIGKILL the real CLI process once a stage marker appears; the re-run finishes the same."""
     ref, killed = reference_run, tmp_path / "killed"
     env = {**os.environ, "RAY_ADDRESS": "local"}
-    argv = [sys.executable, "-m", "raycollapse.cli.main", "run", "-", *TINY, f"loop.storage={killed}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "raycollapse.cli.main",
+        "run",
+        "-",
+        *TINY,
+        f"loop.storage={killed}",
+    ]
     cfg_file = tmp_path / "empty.yaml"
     cfg_file.write_text("{}\n")
     argv[argv.index("-")] = str(cfg_file)

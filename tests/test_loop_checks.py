@@ -19,7 +19,16 @@ CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*
         (["loop.pool_multiple=0.5"], "loop.pool_multiple"),
         (["loop.iterations=0"], "loop.iterations"),
         (["loop.paradigm=fresh", "loop.fresh_fraction=1.5"], "fresh_fraction"),
-        (["loop.paradigm=fresh", "loop.fresh_fraction=0.5", "loop.iterations=40", "data.n=100", "loop.train_size=16"], "fresh"),
+        (
+            [
+                "loop.paradigm=fresh",
+                "loop.fresh_fraction=0.5",
+                "loop.iterations=40",
+                "data.n=100",
+                "loop.train_size=16",
+            ],
+            "fresh",
+        ),
         (["loop.metric_features=[pixel,sift]"], "sift"),
         (["loop.metric_features=[pixel,clip]"], "ViT-B-32"),
         (["select.method=threshold", "select.decay=1.0"], "select.decay"),

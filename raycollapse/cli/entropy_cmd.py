@@ -17,17 +17,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="KL entropy of embeddings or images",
         description="Kozachenko-Leonenko entropy (nats) of a .npy, Parquet or image-folder INPUT.",
     )
-    p.add_argument("input", metavar="INPUT", help=".npy, .parquet, folder of Parquet shards or of images")
+    p.add_argument(
+        "input", metavar="INPUT", help=".npy, .parquet, folder of Parquet shards or of images"
+    )
     p.add_argument("--k", type=int, default=None, help="k-th neighbour (shorthand for knn.k)")
-    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap replicates for a CI (knn.bootstrap)")
-    p.add_argument("--shards", type=int, default=None, help="kNN index shards, one Ray actor each (knn.shards); 1 = in-process, no Ray")
+    p.add_argument(
+        "--bootstrap", type=int, default=None, help="bootstrap replicates for a CI (knn.bootstrap)"
+    )
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="kNN index shards, one Ray actor each (knn.shards); 1 = in-process, no Ray",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, {"knn.k": args.k, "knn.bootstrap": args.bootstrap, "knn.shards": args.shards})
+    cfg = config_from_args(
+        args, {"knn.k": args.k, "knn.bootstrap": args.bootstrap, "knn.shards": args.shards}
+    )
     start = time.perf_counter()
     if cfg.knn.shards != 1:
         # Imported here so that the default in-process path never imports Ray.
@@ -45,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
             seed=cfg.seed,
             batch_size=cfg.knn.batch_size,
         )
-    out = {**result.to_dict(), "features": kind, "shards": int(cfg.knn.shards), "seconds": time.perf_counter() - start}
+    out = {
+        **result.to_dict(),
+        "features": kind,
+        "shards": int(cfg.knn.shards),
+        "seconds": time.perf_counter() - start,
+    }
     print_result(out, args.json)
     return 0

@@ -52,8 +52,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="samples per call and per shard (sample.batch_size)",
     )
-    p.add_argument("--actors", type=int, default=None, help="run on Ray Data with A actors (resources.generate_actors)")
-    p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor (resources.generate_gpus_per_actor)")
+    p.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        help="run on Ray Data with A actors (resources.generate_actors)",
+    )
+    p.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="GPUs per actor (resources.generate_gpus_per_actor)",
+    )
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="sample.sampler")
     p.add_argument(
         "--steps", type=int, default=None, help="DDIM steps (sample.steps); DDPM uses all"
@@ -216,5 +226,9 @@ def _run_on_ray(checkpoint: str, cfg) -> int:
             save_grid(images, out)
     else:
         metrics = generate_pool(checkpoint, out, sc.n, **kwargs)
-    print(json.dumps(_clean({**metrics, "out": out, "format": Path(out).suffix.lstrip(".") or "parquet"})))
+    print(
+        json.dumps(
+            _clean({**metrics, "out": out, "format": Path(out).suffix.lstrip(".") or "parquet"})
+        )
+    )
     return 0

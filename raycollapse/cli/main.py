@@ -24,7 +24,9 @@ COMMANDS: dict[str, str] = {
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """The options every command shares: ``--config FILE`` and trailing ``key=value`` overrides."""
     parser.add_argument("--config", default=None, help="YAML config file merged over the defaults")
-    parser.add_argument("overrides", nargs="*", default=[], help="key=value config overrides, e.g. knn.k=5")
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="key=value config overrides, e.g. knn.k=5"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,9 +17,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config file (see configs/)")
-    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. loop.iterations=2")
-    p.add_argument("--fork", action="store_true", help="the run exists with another config: start a new run beside it")
-    p.add_argument("--until", default=None, metavar="ITER:STAGE", help="stop after this stage, e.g. 1:generate")
+    p.add_argument(
+        "overrides", nargs="*", default=[], help="key=value overrides, e.g. loop.iterations=2"
+    )
+    p.add_argument(
+        "--fork",
+        action="store_true",
+        help="the run exists with another config: start a new run beside it",
+    )
+    p.add_argument(
+        "--until", default=None, metavar="ITER:STAGE", help="stop after this stage, e.g. 1:generate"
+    )
     p.set_defaults(func=run)
 
 

@@ -32,14 +32,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="pick a diverse subset (greedy, threshold decay, random)",
         description="Choose B rows of INPUT by greedy farthest-point, threshold decay or random selection.",
     )
-    p.add_argument("input", metavar="INPUT", help=".npy, .parquet, folder of Parquet shards or of images")
-    p.add_argument("--method", choices=["greedy", "threshold", "random"], default=None, help="select.method")
-    p.add_argument("--budget", type=int, default=None, help="B, the number of rows to choose (select.budget)")
+    p.add_argument(
+        "input", metavar="INPUT", help=".npy, .parquet, folder of Parquet shards or of images"
+    )
+    p.add_argument(
+        "--method", choices=["greedy", "threshold", "random"], default=None, help="select.method"
+    )
+    p.add_argument(
+        "--budget", type=int, default=None, help="B, the number of rows to choose (select.budget)"
+    )
     p.add_argument("--seed", type=int, default=None, help="select.seed")
-    p.add_argument("--tau0", type=float, default=None, help="initial threshold (select.tau0); omitted: derived from the data")
-    p.add_argument("--decay", type=float, default=None, help="threshold decay per pass, in (0, 1) (select.decay)")
+    p.add_argument(
+        "--tau0",
+        type=float,
+        default=None,
+        help="initial threshold (select.tau0); omitted: derived from the data",
+    )
+    p.add_argument(
+        "--decay",
+        type=float,
+        default=None,
+        help="threshold decay per pass, in (0, 1) (select.decay)",
+    )
     p.add_argument("--out", required=True, help="where to write the indices: .npy or .parquet")
-    p.add_argument("--shards", type=int, default=None, help="kNN shards (Ray actors) for the report's entropy/min distance (knn.shards)")
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="kNN shards (Ray actors) for the report's entropy/min distance (knn.shards)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_args(p)
     p.set_defaults(func=run)
@@ -52,12 +73,16 @@ def check_select_config(method: str, budget: int | None, tau0: float | None, dec
     if budget is None:
         raise UserInputError("no budget given; pass --budget B (select.budget=B) with B >= 1.")
     if budget <= 0:
-        raise UserInputError(f"budget must be >= 1, got {budget}; pass --budget B with 1 <= B <= N.")
+        raise UserInputError(
+            f"budget must be >= 1, got {budget}; pass --budget B with 1 <= B <= N."
+        )
     if method == "threshold":
         if not 0.0 < decay < 1.0:
             raise UserInputError(f"decay must be in (0, 1), got {decay}; e.g. --decay 0.9.")
         if tau0 is not None and tau0 <= 0:
-            raise UserInputError(f"tau0 must be > 0, got {tau0}; pass a positive --tau0 or omit it to derive it.")
+            raise UserInputError(
+                f"tau0 must be > 0, got {tau0}; pass a positive --tau0 or omit it to derive it."
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_features(args.input)
     x = loaded.features
     if sel.budget > len(x):
-        raise UserInputError(f"budget {sel.budget} is larger than the number of rows N={len(x)}; pass --budget <= {len(x)}.")
+        raise UserInputError(
+            f"budget {sel.budget} is larger than the number of rows N={len(x)}; pass --budget <= {len(x)}."
+        )
     if cfg.knn.shards != 1:  # Ray only when asked for: the default path never imports it
         from raycollapse.stages.knn_shards_cli import check_shards, selection_report
 

@@ -76,9 +76,13 @@ def plan_next(
     raise UserInputError(f"unknown paradigm '{paradigm}'; use one of {', '.join(PARADIGMS)}.")
 
 
-def pick_fresh_real(real_ids: np.ndarray, used: set[int], n: int, seed: int, iteration: int) -> np.ndarray:
+def pick_fresh_real(
+    real_ids: np.ndarray, used: set[int], n: int, seed: int, iteration: int
+) -> np.ndarray:
     """``n`` of ``real_ids`` never used before in this run, chosen by a seed of (run seed, iteration)."""
-    available = np.setdiff1d(np.asarray(real_ids, dtype=np.int64), np.fromiter(used, dtype=np.int64, count=len(used)))
+    available = np.setdiff1d(
+        np.asarray(real_ids, dtype=np.int64), np.fromiter(used, dtype=np.int64, count=len(used))
+    )
     if n > len(available):
         raise UserInputError(
             f"paradigm fresh needs {n} unused real images at iteration {iteration} but only "

@@ -113,6 +113,11 @@ def train_set_table(refs: list[Ref], images: np.ndarray, labels: np.ndarray) -> 
 
 
 def read_train_refs(uri: str) -> list[Ref]:
-    table = pa.concat_tables(storage.read_parquet(f, columns=["id", "origin", "origin_id"]) for f in storage.list_files(uri))
+    table = pa.concat_tables(
+        storage.read_parquet(f, columns=["id", "origin", "origin_id"])
+        for f in storage.list_files(uri)
+    )
     table = table.sort_by("id")
-    return list(zip(table.column("origin").to_pylist(), table.column("origin_id").to_pylist(), strict=True))
+    return list(
+        zip(table.column("origin").to_pylist(), table.column("origin_id").to_pylist(), strict=True)
+    )

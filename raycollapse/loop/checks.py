@@ -39,20 +39,26 @@ def check_static(cfg: DictConfig) -> None:
             f"loop.pool_multiple (m) must be >= 1, got {loop.pool_multiple}: the pool must hold at least B samples."
         )
     if not 0.0 <= loop.fresh_fraction <= 1.0:
-        raise UserInputError(f"loop.fresh_fraction (lambda) must be in [0, 1], got {loop.fresh_fraction}.")
+        raise UserInputError(
+            f"loop.fresh_fraction (lambda) must be in [0, 1], got {loop.fresh_fraction}."
+        )
     if loop.paradigm != "fresh" and loop.fresh_fraction != 0.0:
         raise UserInputError(
             f"loop.fresh_fraction={loop.fresh_fraction} only applies to loop.paradigm=fresh "
             f"(got paradigm={loop.paradigm}); set loop.paradigm=fresh or loop.fresh_fraction=0."
         )
     if not loop.metric_features:
-        raise UserInputError("loop.metric_features is empty; list at least one feature space, e.g. [pixel].")
+        raise UserInputError(
+            "loop.metric_features is empty; list at least one feature space, e.g. [pixel]."
+        )
     for name in loop.metric_features:
         if name not in FEATURE_NAMES:
             raise UserInputError(
                 f"unknown feature space '{name}' in loop.metric_features; choose from {', '.join(FEATURE_NAMES)}."
             )
-    need = int(loop.train_size) - (fresh_count(loop.train_size, loop.fresh_fraction) if loop.paradigm == "fresh" else 0)
+    need = int(loop.train_size) - (
+        fresh_count(loop.train_size, loop.fresh_fraction) if loop.paradigm == "fresh" else 0
+    )
     if loop.paradigm in ("replace", "accumulate_all", "fresh") and pool_size(cfg) < need:
         raise UserInputError(
             f"the pool of m x B = {pool_size(cfg)} samples is smaller than the {need} the selection must "
@@ -62,7 +68,9 @@ def check_static(cfg: DictConfig) -> None:
         if not 0.0 < cfg.select.decay < 1.0:
             raise UserInputError(f"select.decay must be in (0, 1), got {cfg.select.decay}.")
         if cfg.select.tau0 is not None and cfg.select.tau0 <= 0:
-            raise UserInputError(f"select.tau0 must be > 0 (or null to derive it), got {cfg.select.tau0}.")
+            raise UserInputError(
+                f"select.tau0 must be > 0 (or null to derive it), got {cfg.select.tau0}."
+            )
     if cfg.knn.k >= loop.train_size:
         raise UserInputError(f"knn.k={cfg.knn.k} must be < loop.train_size={loop.train_size}.")
     for name in feature_spaces(cfg):
@@ -79,7 +87,9 @@ def check_real_size(cfg: DictConfig, n_real: int) -> None:
             "lower loop.train_size or use more real data (data.n / data.path)."
         )
     if loop.paradigm == "fresh":
-        total = loop.train_size + fresh_count(loop.train_size, loop.fresh_fraction) * (loop.iterations - 1)
+        total = loop.train_size + fresh_count(loop.train_size, loop.fresh_fraction) * (
+            loop.iterations - 1
+        )
         if total > n_real:
             raise UserInputError(
                 f"paradigm fresh uses {total} distinct real images over {loop.iterations} iterations "

@@ -73,7 +73,9 @@ def iteration_metrics(
     # Every origin so far gets a share (0 when absent) so lineage columns line up across rows.
     row.update({f"share_{o}": 0.0 for o in ["real", *(origin_of(k) for k in range(iteration))]})
     row.update(lineage([o for o, _ in train_refs]))
-    return {k_: (None if isinstance(v, float) and not math.isfinite(v) else v) for k_, v in row.items()}
+    return {
+        k_: (None if isinstance(v, float) and not math.isfinite(v) else v) for k_, v in row.items()
+    }
 
 
 def write_samples_png(cat: Catalog, iteration: int, uri: str) -> None:
@@ -89,7 +91,9 @@ def write_samples_png(cat: Catalog, iteration: int, uri: str) -> None:
     storage.write_bytes_atomic(uri, buf.getvalue())
 
 
-def write_nearest(cat: Catalog, iteration: int, train_refs: list[Ref], features: str, uri: str) -> None:
+def write_nearest(
+    cat: Catalog, iteration: int, train_refs: list[Ref], features: str, uri: str
+) -> None:
     """The generated samples closest to a training sample (smallest d1/d2), beside that sample."""
     gen = origin_of(iteration)
     train_x = cat.gather_embeddings(train_refs, features)

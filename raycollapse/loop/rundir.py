@@ -33,7 +33,9 @@ def result_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, A
 def config_digest(cfg: dict[str, Any]) -> str:
     """A short hash of the result-relevant config (names a forked run)."""
     relevant = {k: v for k, v in cfg.items() if k != "resources"}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[
+        :8
+    ]
 
 
 @dataclass
@@ -88,7 +90,9 @@ class RunDir:
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """The run's table: ``metrics.json`` (list of rows) and ``metrics.parquet``."""
         rows = sorted(rows, key=lambda r: r["iteration"])
-        storage.write_text_atomic(self.file(layout.METRICS_JSON), json.dumps(rows, indent=1, sort_keys=True))
+        storage.write_text_atomic(
+            self.file(layout.METRICS_JSON), json.dumps(rows, indent=1, sort_keys=True)
+        )
         keys = sorted({k for r in rows for k in r})
         table = pa.table({k: [r.get(k) for r in rows] for k in keys})
         storage.write_parquet_atomic(table, self.file(layout.METRICS_PARQUET))

@@ -34,8 +34,20 @@ from raycollapse.core.paradigms import pick_fresh_real, plan_next
 from raycollapse.core.selection import greedy_select, random_select, threshold_select
 from raycollapse.errors import UserInputError
 from raycollapse.loop import checks, layout
-from raycollapse.loop.catalog import Catalog, Ref, origin_of, read_train_refs, real_dir, train_set_table
-from raycollapse.loop.measure import iteration_metrics, nearest_uri, write_nearest, write_samples_png
+from raycollapse.loop.catalog import (
+    Catalog,
+    Ref,
+    origin_of,
+    read_train_refs,
+    real_dir,
+    train_set_table,
+)
+from raycollapse.loop.measure import (
+    iteration_metrics,
+    nearest_uri,
+    write_nearest,
+    write_samples_png,
+)
 from raycollapse.loop.rundir import RunDir, config_digest
 
 STAGES = ("train_set", "train", "generate", "embed", "metrics")
@@ -73,9 +85,16 @@ class Loop:
         """Store the real data as Parquet and embed it in every feature space of the run."""
         from raycollapse.stages.embed import embed_pool
 
-        storage.write_parquet_atomic(real.to_arrow_table(), real_dir(self.run, "data", "part-00000.parquet"))
+        storage.write_parquet_atomic(
+            real.to_arrow_table(), real_dir(self.run, "data", "part-00000.parquet")
+        )
         for f in self.features:
-            embed_pool(real_dir(self.run, "data"), self.cat.embeddings_uri("real", f), self.feature_cfg(f), **self.embed_resources())
+            embed_pool(
+                real_dir(self.run, "data"),
+                self.cat.embeddings_uri("real", f),
+                self.feature_cfg(f),
+                **self.embed_resources(),
+            )
         return {"rows": len(real)}
 
     def stage_train_set(self, t: int) -> dict[str, Any]:
@@ -89,13 +108,17 @@ class Loop:
             refs = self.next_train_set(t)
         images, labels = self.cat.gather_images(refs)
         storage.write_parquet_atomic(
-            train_set_table(refs, images, labels), self.path(t, layout.TRAIN_SET, "part-00000.parquet")
+            train_set_table(refs, images, labels),
+            self.path(t, layout.TRAIN_SET, "part-00000.parquet"),
         )
         return {"rows": len(refs)}
 
     def next_train_set(self, t: int) -> list[Ref]:
         cfg, loop, sel = self.cfg, self.cfg.loop, self.cfg.select
-        pools = [[(origin_of(k), int(i)) for i in self.cat.embeddings(origin_of(k), self.features[0])[0]] for k in range(t)]
+        pools = [
+            [(origin_of(k), int(i)) for i in self.cat.embeddings(origin_of(k), self.features[0])[0]]
+            for k in range(t)
+        ]
         plan = plan_next(
             loop.paradigm,
             train_size=loop.train_size,
@@ -116,9 +139,16 @@ class Loop:
                 idx = threshold_select(x, n, tau0=sel.tau0, decay=sel.decay, seed=seed).indices
         refs = plan.keep + [plan.candidates[int(i)] for i in idx]
         if plan.n_fresh:
-            used = {i for k in range(t) for o, i in read_train_refs(self.path(k, layout.TRAIN_SET)) if o == "real"}
+            used = {
+                i
+                for k in range(t)
+                for o, i in read_train_refs(self.path(k, layout.TRAIN_SET))
+                if o == "real"
+            }
             real_ids = self.cat.images("real")[0]
-            refs += [("real", int(i)) for i in pick_fresh_real(real_ids, used, plan.n_fresh, cfg.seed, t)]
+            refs += [
+                ("real", int(i)) for i in pick_fresh_real(real_ids, used, plan.n_fresh, cfg.seed, t)
+            ]
         return refs
 
     def stage_train(self, t: int) -> dict[str, Any]:
@@ -128,7 +158,12 @@ class Loop:
         finetune = self.cfg.train.init == "finetune" and t > 0
         cfg = OmegaConf.merge(
             self.cfg,
-            {"train": {"seed": derived_seed(self.cfg.seed, t, "train"), "init": "finetune" if finetune else "scratch"}},
+            {
+                "train": {
+                    "seed": derived_seed(self.cfg.seed, t, "train"),
+                    "init": "finetune" if finetune else "scratch",
+                }
+            },
         )
         init_from = self.path(t - 1, layout.MODEL) if finetune else None
         fs, base = storage.open_fs(storage.join(self.run, "ray_train"))
@@ -162,7 +197,12 @@ class Loop:
 
         out: dict[str, Any] = {}
         for f in self.features:
-            m = embed_pool(self.path(t, layout.POOL), self.path(t, layout.EMBEDDINGS, f), self.feature_cfg(f), **self.embed_resources())
+            m = embed_pool(
+                self.path(t, layout.POOL),
+                self.path(t, layout.EMBEDDINGS, f),
+                self.feature_cfg(f),
+                **self.embed_resources(),
+            )
             out[f"images_per_second_{f}"] = m["images_per_second"]
         return out
 
@@ -180,7 +220,9 @@ class Loop:
                     row[f"{stage}_{key}"] = info[key]
         write_samples_png(self.cat, t, self.path(t, layout.SAMPLES_PNG))
         write_nearest(self.cat, t, refs, self.features[0], nearest_uri(self.run, t))
-        storage.write_text_atomic(self.path(t, layout.ITER_METRICS), json.dumps(row, indent=1, sort_keys=True))
+        storage.write_text_atomic(
+            self.path(t, layout.ITER_METRICS), json.dumps(row, indent=1, sort_keys=True)
+        )
         rows = [r for r in self.rd.metrics() if r["iteration"] != t] + [row]
         self.rd.write_metrics(rows)
         return {"row": row}
@@ -195,7 +237,11 @@ class Loop:
 
     def embed_resources(self) -> dict[str, Any]:
         res = self.cfg.resources
-        return {"actors": res.embed_actors, "gpus_per_actor": res.embed_gpus_per_actor, "cpus_per_actor": res.cpus_per_actor}
+        return {
+            "actors": res.embed_actors,
+            "gpus_per_actor": res.embed_gpus_per_actor,
+            "cpus_per_actor": res.cpus_per_actor,
+        }
 
 
 def sel_features(cfg: DictConfig) -> str:
@@ -212,7 +258,13 @@ def fid_available(features: list[str]) -> bool:
         return False
 
 
-def run_loop(cfg: DictConfig, *, fork: bool = False, until: str | None = None, log: Callable[[str], None] = _log) -> str:
+def run_loop(
+    cfg: DictConfig,
+    *,
+    fork: bool = False,
+    until: str | None = None,
+    log: Callable[[str], None] = _log,
+) -> str:
     """Run (or resume) the loop of ``cfg``; returns the run folder. See the module docstring.
 
     ``until="ITER:STAGE"`` stops after that stage (e.g. ``1:generate``): the run stays resumable.
@@ -220,14 +272,20 @@ def run_loop(cfg: DictConfig, *, fork: bool = False, until: str | None = None, l
     checks.check_static(cfg)
     stop_at = _parse_until(until, cfg.loop.iterations)
     if fork:
-        cfg = OmegaConf.merge(cfg, {"loop": {"storage": f"{cfg.loop.storage}-fork-{config_digest(to_dict(cfg))}"}})
+        cfg = OmegaConf.merge(
+            cfg, {"loop": {"storage": f"{cfg.loop.storage}-fork-{config_digest(to_dict(cfg))}"}}
+        )
     rd = RunDir(str(cfg.loop.storage))
     rows = rd.metrics() if rd.saved_config() is not None else []
     rd_check = rd.saved_config()
     if rd_check is not None:
         rd.claim(cfg)  # refuses a changed config
-        if len(rows) >= cfg.loop.iterations and all(rd.is_done(t, "metrics") for t in range(cfg.loop.iterations)):
-            log(f"run '{rd.path}' already finished all {cfg.loop.iterations} iterations; nothing to do.")
+        if len(rows) >= cfg.loop.iterations and all(
+            rd.is_done(t, "metrics") for t in range(cfg.loop.iterations)
+        ):
+            log(
+                f"run '{rd.path}' already finished all {cfg.loop.iterations} iterations; nothing to do."
+            )
             return rd.path
     real = load_records(cfg.data)
     checks.check_real_size(cfg, len(real))
@@ -237,7 +295,9 @@ def run_loop(cfg: DictConfig, *, fork: bool = False, until: str | None = None, l
 
     ensure_ray()
     loop = Loop(cfg, rd, Catalog(rd.path, int(cfg.data.channels)), checks.feature_spaces(cfg), log)
-    log(f"run '{rd.path}': {cfg.loop.iterations} iterations, paradigm {cfg.loop.paradigm}, selection {cfg.select.method}")
+    log(
+        f"run '{rd.path}': {cfg.loop.iterations} iterations, paradigm {cfg.loop.paradigm}, selection {cfg.select.method}"
+    )
     _do(loop, 0, "real", lambda: loop.stage_real(real))
     for t in range(cfg.loop.iterations):
         for stage in STAGES:

@@ -35,7 +35,7 @@ class Stage(ABC):
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Load models and other per-worker state. Called once per worker, before any batch."""
 
     @abstractmethod
@@ -82,7 +82,12 @@ def check_resources(stage: Stage, actors: int) -> None:
 
 
 def map_stage(
-    ds: ray.data.Dataset, stage: Stage, *, actors: int, batch_size: int | None = None, **map_kwargs: Any
+    ds: ray.data.Dataset,
+    stage: Stage,
+    *,
+    actors: int,
+    batch_size: int | None = None,
+    **map_kwargs: Any,
 ) -> ray.data.Dataset:
     """Run ``stage`` over ``ds`` with an actor pool of ``actors`` workers."""
     check_resources(stage, actors)
