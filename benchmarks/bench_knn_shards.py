@@ -29,6 +29,7 @@ from typing import Any
 import faiss
 import numpy as np
 import ray
+from readme_section import update_readme
 
 from raycollapse.core.entropy import kl_entropy
 from raycollapse.stages.knn_shards import ShardedIndex
@@ -177,18 +178,6 @@ def readme_section(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: Path, section: str) -> None:
-    """Replace this benchmark's section of the README (or append it); other sections untouched."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt + 1 :])
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=100_000)
@@ -209,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
     if args.readme:
-        update_readme(HERE / "README.md", readme_section(res))
+        update_readme(HERE / "README.md", SECTION, readme_section(res))
         print(f"updated {HERE / 'README.md'} ({SECTION})")
     return 0
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import ray
 import torch
+from readme_section import update_readme
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Generation and training stages"
@@ -154,19 +155,6 @@ def readme_section(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: Path, section: str) -> None:
-    """Replace this benchmark's section of the README (or append it); other sections untouched."""
-    text = path.read_text() if path.exists() else ""
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        end = len(text) if nxt < 0 else nxt + 1
-        text = text[:start] + section + ("\n" if nxt >= 0 else "") + text[end:]
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
@@ -213,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     if args.readme:
-        update_readme(HERE / "README.md", readme_section(res))
+        update_readme(HERE / "README.md", SECTION, readme_section(res))
     return 0
 
 

@@ -61,7 +61,7 @@ def model_meta(model_cfg: Any, data_cfg: Any) -> dict[str, Any]:
     }
 
 
-def _swap_into_place(tmp: Path, target: Path) -> None:
+def swap_into_place(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` onto ``target``; an existing ``target`` is moved aside first, then deleted."""
     old = None
     if target.exists():
@@ -96,7 +96,7 @@ def save_checkpoint(
         )
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
-        _swap_into_place(tmp, target)
+        swap_into_place(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

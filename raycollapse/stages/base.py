@@ -15,13 +15,19 @@ duplicated.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
+from raycollapse.core import storage
 from raycollapse.errors import UserInputError
 
 Batch = dict[str, np.ndarray]
@@ -101,3 +107,56 @@ def map_stage(
         num_gpus=stage.num_gpus,
         **map_kwargs,
     )
+
+
+@contextlib.contextmanager
+def shard_scheduling() -> Iterator[None]:
+    """Ray Data settings for shard-sized tasks, restored afterwards.
+
+    One shard in flight per actor (a queue behind a busy actor leaves others idle at the end);
+    wait for the whole pool before dispatching (else the first actor to load its model takes
+    most shards); progress bars on. ``ray.data.from_items`` copies the current DataContext.
+    """
+    ctx = ray.data.DataContext.get_current()
+    wanted = {
+        "max_tasks_in_flight_per_actor": 1,
+        "wait_for_min_actors_s": 600,
+        "enable_progress_bars": True,
+    }
+    saved = {k: getattr(ctx, k) for k in wanted}
+    for k, v in wanted.items():
+        setattr(ctx, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+
+
+def shard_is_complete(
+    uri: str, rows: int, signature: dict[str, Any], meta_key: bytes, what: str, fix: str
+) -> bool:
+    """True when ``uri`` is a complete shard made with ``signature`` (resume skips it).
+
+    A shard written by something else (another signature under ``meta_key``) is refused with
+    ``fix`` rather than silently mixed in; an unreadable leftover is made again (writes are
+    atomic, so this is rare).
+    """
+    if not storage.exists(uri):
+        return False
+    fs, path = storage.open_fs(uri)
+    try:
+        md = pq.read_metadata(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError):
+        return False
+    meta = md.schema.to_arrow_schema().metadata or {}
+    try:
+        found = json.loads(meta.get(meta_key, b"{}").decode())
+    except json.JSONDecodeError:
+        found = {}
+    if found != signature:
+        raise UserInputError(
+            f"'{uri}' already holds {what} ({found or 'not written by raycollapse'}); "
+            f"this run makes {signature}. {fix}"
+        )
+    return md.num_rows == rows

@@ -25,7 +25,6 @@ as ``UserInputError`` naming the shard, and every shard finished before it stays
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -45,7 +44,14 @@ from raycollapse.core.extractor_weights import ResolvedWeights, check_weights_av
 from raycollapse.core.extractors import Extractor, extractor_from_config
 from raycollapse.core.images import decode_image, list_image_files
 from raycollapse.errors import UserInputError
-from raycollapse.stages.base import Batch, Stage, check_resources, map_stage
+from raycollapse.stages.base import (
+    Batch,
+    Stage,
+    check_resources,
+    map_stage,
+    shard_is_complete,
+    shard_scheduling,
+)
 from raycollapse.stages.runtime import ensure_ray
 
 SHARD_ROWS = 4096  # rows per shard when INPUT is a .npy or an image folder
@@ -478,48 +484,6 @@ class EmbedShardStage(EmbedStage):
 # The driver
 
 
-def _existing_status(task: ShardTask, sig: dict[str, Any]) -> bool:
-    """True when ``task.out`` is a complete shard of the same embedding; raises on a different one."""
-    if not storage.exists(task.out):
-        return False
-    fs, path = storage.open_fs(task.out)
-    try:
-        md = pq.read_metadata(path, filesystem=fs)
-    except (pa.ArrowInvalid, OSError):
-        return False  # unreadable leftovers are recomputed (writes are atomic, so this is rare)
-    meta = md.schema.to_arrow_schema().metadata or {}
-    try:
-        found = json.loads(meta.get(META_SIGNATURE, b"{}").decode())
-    except json.JSONDecodeError:
-        found = {}
-    if found != sig:
-        raise UserInputError(
-            f"'{task.out}' already holds different embeddings ({found or 'not written by raycollapse embed'}); "
-            f"this run makes {sig}. Pass another --out, or delete that folder to recompute."
-        )
-    return md.num_rows == task.rows  # a changed input shard is embedded again
-
-
-@contextlib.contextmanager
-def _shard_scheduling() -> Iterator[None]:
-    """Ray Data settings for shard-sized tasks, restored afterwards.
-
-    - one shard in flight per actor (the default queues 2): a shard is a large unit of work, and
-      a queue behind a busy actor leaves others idle at the end of the job;
-    - wait until the whole pool has started before dispatching (the default starts at once), or
-      the first actor to load its model takes most shards.
-    ``ray.data.from_items`` copies the current DataContext, so these apply to that dataset only.
-    """
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.max_tasks_in_flight_per_actor, ctx.wait_for_min_actors_s)
-    ctx.max_tasks_in_flight_per_actor = 1
-    ctx.wait_for_min_actors_s = 600
-    try:
-        yield
-    finally:
-        ctx.max_tasks_in_flight_per_actor, ctx.wait_for_min_actors_s = saved
-
-
 def embed_pool(
     input_uri: str | Path,
     out_uri: str | Path,
@@ -551,13 +515,19 @@ def embed_pool(
     tasks = plan_shards(
         str(input_uri), str(out_uri), shard_rows=shard_rows, image_column=image_column
     )
-    todo = [t for t in tasks if not _existing_status(t, sig)]
+    todo = [
+        t for t in tasks
+        if not shard_is_complete(
+            t.out, t.rows, sig, META_SIGNATURE, "different embeddings",
+            "Pass another --out, or delete that folder to recompute.",
+        )
+    ]  # fmt: skip
     results: list[dict[str, Any]] = []
     run_start = time.perf_counter()
     n_actors = max(1, min(int(actors), len(todo)))
     if todo:
         storage.makedirs(out_uri)
-        with _shard_scheduling():
+        with shard_scheduling():
             ds = ray.data.from_items([t.to_item() for t in todo], override_num_blocks=len(todo))
             out = map_stage(ds, stage, actors=n_actors, batch_size=1)
             for row in out.iter_rows():

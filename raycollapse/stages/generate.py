@@ -28,24 +28,28 @@ shards not yet on disk (``STAGE_RETRIES`` times at most). Either way every id is
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from raycollapse.core import storage
 from raycollapse.errors import UserInputError
-from raycollapse.stages.base import Batch, Stage, check_resources, map_stage
+from raycollapse.stages.base import (
+    Batch,
+    Stage,
+    check_resources,
+    map_stage,
+    shard_is_complete,
+    shard_scheduling,
+)
 from raycollapse.stages.runtime import ensure_ray
 
 logger = logging.getLogger(__name__)
@@ -269,58 +273,12 @@ def check_checkpoint(checkpoint: str | Path, sample: dict[str, Any]) -> dict[str
     return meta
 
 
-def _complete(uri: str, rows: int, sig: dict[str, Any]) -> bool:
-    """True when ``uri`` is a complete shard of this pool; raises when it holds another pool."""
-    if not storage.exists(uri):
-        return False
-    fs, path = storage.open_fs(uri)
-    try:
-        md = pq.read_metadata(path, filesystem=fs)
-    except (pa.ArrowInvalid, OSError):
-        return False  # unreadable leftovers are regenerated (writes are atomic, so this is rare)
-    meta = md.schema.to_arrow_schema().metadata or {}
-    try:
-        found = json.loads(meta.get(META_KEY, b"{}").decode())
-    except json.JSONDecodeError:
-        found = {}
-    if found != sig:
-        raise UserInputError(
-            f"'{uri}' already holds a different pool ({found or 'not written by raycollapse generate'}); "
-            f"this run makes {sig}. Pass another output folder, or delete that one to regenerate."
-        )
-    return md.num_rows == rows
-
-
-@contextlib.contextmanager
-def _shard_scheduling() -> Iterator[None]:
-    """Ray Data settings for shard-sized tasks, restored afterwards.
-
-    One shard in flight per actor (a queue behind a busy actor leaves others idle at the end);
-    wait for the whole pool before dispatching (else the first actor to load its model takes
-    most shards); progress bars on. ``ray.data.from_items`` copies the current DataContext.
-    """
-    ctx = ray.data.DataContext.get_current()
-    wanted = {
-        "max_tasks_in_flight_per_actor": 1,
-        "wait_for_min_actors_s": 600,
-        "enable_progress_bars": True,
-    }
-    saved = {k: getattr(ctx, k) for k in wanted}
-    for k, v in wanted.items():
-        setattr(ctx, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(ctx, k, v)
-
-
 def _run_shards(
     todo: list[dict[str, int]], stage: GenerateStage, actors: int, results: list[dict[str, Any]]
 ) -> None:
     """Map ``stage`` over the shard specs on an actor pool; append each shard's result row."""
     storage.makedirs(stage.out_uri)
-    with _shard_scheduling():
+    with shard_scheduling():
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         for row in map_stage(ds, stage, actors=min(actors, len(todo)), batch_size=1).iter_rows():
             if row["error"]:
@@ -388,9 +346,14 @@ def generate_pool(
         return [
             s
             for s in specs
-            if not _complete(
-                storage.join(out, shard_name(s["shard"])), s["id_end"] - s["id_start"], sig
-            )
+            if not shard_is_complete(
+                storage.join(out, shard_name(s["shard"])),
+                s["id_end"] - s["id_start"],
+                sig,
+                META_KEY,
+                "a different pool",
+                "Pass another output folder, or delete that one to regenerate.",
+            )  # fmt: skip
         ]
 
     todo = missing()

@@ -40,6 +40,7 @@ import numpy as np
 import ray
 
 from raycollapse.core import storage
+from raycollapse.core.checkpoint import swap_into_place
 from raycollapse.core.datasets import Records
 from raycollapse.errors import UserInputError
 from raycollapse.stages.base import Batch, Stage, check_resources
@@ -239,13 +240,7 @@ def _install(src: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     shutil.copytree(src, tmp)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(tmp, target)
 
 
 def _user_error(exc: BaseException) -> UserInputError | None:
