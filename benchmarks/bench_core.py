@@ -118,6 +118,7 @@ def entropy_reference(x: np.ndarray, k: int = 3, eps: float = 1e-10) -> float:
 
 
 REPEAT = 1  # set by --repeat: each side is run this many times, the fastest run is reported
+REF_THREADS = 0  # set by --ref-threads: torch threads of the greedy reference (0: torch default)
 
 
 def _timed(fn: Any, *args: Any, **kw: Any) -> tuple[Any, float]:
@@ -169,7 +170,12 @@ def _fmt(r: dict[str, Any]) -> str:
 
 def bench_greedy(data: str, x: np.ndarray, budget: int) -> dict[str, Any]:
     ours, t_ours = _timed(greedy_select, x, budget, seed=0)
-    ref, t_ref = _timed(greedy_reference, x, budget, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(REF_THREADS or threads)
+    try:
+        ref, t_ref = _timed(greedy_reference, x, budget, seed=0)
+    finally:
+        torch.set_num_threads(threads)
     return _row("greedy", data, x, budget, t_ours, t_ref, bool(np.array_equal(ours, ref)))
 
 
@@ -236,14 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, seconds (smoke check)")
     p.add_argument("--million", action="store_true", help="also entropy of N=1e6, d=64 (long)")
     p.add_argument("--only", default="greedy,threshold,entropy", help="comma-separated methods")
+    p.add_argument("--data", default="clustered,isotropic", help="comma-separated data sets")
     p.add_argument("--out", default="benchmarks/results/core.json", help="JSON output path")
     p.add_argument(
         "--repeat", type=int, default=1, help="runs per side, fastest reported (noisy hosts)"
     )
+    p.add_argument(
+        "--ref-threads", type=int, default=0, help="torch threads of the greedy reference"
+    )
     p.add_argument("--million-n", type=int, default=1_000_000, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    global REPEAT
-    REPEAT = max(1, a.repeat)
+    global REPEAT, REF_THREADS
+    REPEAT, REF_THREADS = max(1, a.repeat), max(0, a.ref_threads)
     only = set(a.only.split(","))
     if a.quick:
         gsizes, tsizes, esizes = (
@@ -263,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     gens = {"clustered": clustered, "isotropic": isotropic}
     for name, gen in gens.items():
+        if name not in a.data.split(","):
+            continue
         if "greedy" in only:
             rows += [bench_greedy(name, gen(n, d, seed=1), b) for n, d, b in gsizes]
         if "threshold" in only:
@@ -283,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch_threads": torch.get_num_threads(),
             "numpy": np.__version__,
             "torch": torch.__version__,
+            "greedy_ref_torch_threads": REF_THREADS or torch.get_num_threads(),
+            "repeat": REPEAT,
         },
         "rows": rows,
     }

@@ -5,7 +5,7 @@ Layers (see DESIGN.md in the project's shared notes and README.md):
 - ``raycollapse.core``   math, model and data; never imports Ray.
 - ``raycollapse.stages`` Ray adapters: generation, embedding, sharded kNN, training.
 - ``raycollapse.loop``   the recursive self-consuming loop and its run directory.
-- ``raycollapse.sweeps`` Ray Tune over loop configs.
+- ``raycollapse.report`` the HTML report of runs.
 - ``raycollapse.cli``    the ``raycollapse`` command.
 """
 

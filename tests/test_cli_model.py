@@ -169,4 +169,6 @@ def test_gpu_without_cuda_is_refused(trained, tmp_path, capsys):
     assert main(["generate", ckpt, "--n", "2", "--out", str(tmp_path / "x.npy"), "--gpu"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "o"), *FAST, "train.use_gpu=true"]) == 2
-    assert "train.use_gpu=true but CUDA" in capsys.readouterr().err
+    # train.use_gpu runs on Ray Train, which refuses a GPU the cluster does not have.
+    err = capsys.readouterr().err
+    assert "asks for 1 GPU" in err and "Traceback" not in err

@@ -1,1 +1,0 @@
-"""raycollapse.sweeps"""
