@@ -268,6 +268,24 @@ def _dotlist_value(value: Any) -> str:
     return str(value)
 
 
+def plain_section(section: Any, defaults: type) -> dict[str, Any]:
+    """A config section (DictConfig, dataclass, dict or None) as a plain dict over ``defaults``.
+
+    Plain data travels to Ray actors; a DictConfig would drag OmegaConf's struct flags along.
+    """
+    from dataclasses import asdict
+
+    if section is None:
+        given: dict[str, Any] = {}
+    elif isinstance(section, dict):
+        given = dict(section)
+    elif hasattr(section, "__dataclass_fields__"):
+        given = asdict(section)
+    else:
+        given = OmegaConf.to_container(section, resolve=True)  # type: ignore[assignment]
+    return {**asdict(defaults()), **given}
+
+
 def to_yaml(cfg: DictConfig) -> str:
     """The resolved config as YAML (what every run folder saves as ``config.yaml``)."""
     return OmegaConf.to_yaml(cfg, resolve=True)

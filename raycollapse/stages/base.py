@@ -60,11 +60,12 @@ class _StageWorker:
         return self.stage.process_batch(batch)
 
 
-def check_resources(stage: Stage, actors: int) -> None:
+def check_resources(stage: Stage | Any, actors: int) -> None:
     """Fail fast (instead of waiting forever) when the cluster can never place the actors.
 
     Checks the running cluster: one actor's CPUs and GPUs must fit on some node, and all actors
-    together must fit in the cluster's totals.
+    together must fit in the cluster's totals. ``stage``: anything with ``name``, ``num_cpus`` and
+    ``num_gpus`` (a Stage, or the resource declaration of plain actors).
     """
     if actors < 1:
         raise UserInputError(f"{stage.name}: actors must be >= 1, got {actors}.")

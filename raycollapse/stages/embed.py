@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raycollapse.config import FeaturesConfig
+from raycollapse.config import FeaturesConfig, plain_section
 from raycollapse.core import storage
 from raycollapse.core.extractor_weights import ResolvedWeights, check_weights_available
 from raycollapse.core.extractors import Extractor, extractor_from_config
@@ -69,17 +69,7 @@ def features_dict(features: Any, batch_size: int | None = None) -> dict[str, Any
 
     Plain data travels to the actors; a DictConfig would drag OmegaConf's struct flags along.
     """
-    if features is None:
-        given: dict[str, Any] = {}
-    elif isinstance(features, dict):
-        given = dict(features)
-    elif hasattr(features, "__dataclass_fields__"):
-        given = asdict(features)
-    else:
-        from omegaconf import OmegaConf
-
-        given = OmegaConf.to_container(features, resolve=True)  # type: ignore[assignment]
-    out = {**asdict(FeaturesConfig()), **given}
+    out = plain_section(features, FeaturesConfig)
     if batch_size is not None:
         out["batch_size"] = int(batch_size)
     if int(out["batch_size"]) < 1:

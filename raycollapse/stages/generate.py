@@ -92,21 +92,10 @@ def sample_settings(sample_cfg: Any) -> dict[str, Any]:
     ``sample_cfg``: the ``sample`` config section (DictConfig or dataclass) or a dict; missing keys
     take the ``SampleConfig`` defaults.
     """
-    from dataclasses import asdict
 
-    from raycollapse.config import SampleConfig
+    from raycollapse.config import SampleConfig, plain_section
 
-    if sample_cfg is None:
-        given: dict[str, Any] = {}
-    elif isinstance(sample_cfg, dict):
-        given = dict(sample_cfg)
-    elif hasattr(sample_cfg, "__dataclass_fields__"):
-        given = asdict(sample_cfg)
-    else:
-        from omegaconf import OmegaConf
-
-        given = OmegaConf.to_container(sample_cfg, resolve=True)  # type: ignore[assignment]
-    merged = {**asdict(SampleConfig()), **given}
+    merged = plain_section(sample_cfg, SampleConfig)
     out = {k: merged[k] for k in SAMPLE_KEYS}
     out.update(steps=int(out["steps"]), eta=float(out["eta"]), group_size=int(out["group_size"]))
     if out["group_size"] < 1:

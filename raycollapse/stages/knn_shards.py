@@ -38,7 +38,7 @@ from raycollapse.core.metrics import generalization_from_distances, memorized_fr
 from raycollapse.core.storage import list_files, open_fs, read_parquet
 from raycollapse.core.validate import as_features, check_k
 from raycollapse.errors import UserInputError
-from raycollapse.stages.base import Batch, Stage, check_resources
+from raycollapse.stages.base import check_resources
 from raycollapse.stages.runtime import ensure_ray
 
 __all__ = [
@@ -76,13 +76,12 @@ class _Piece:
 
 
 @dataclass
-class _ShardStage(Stage):
-    """Resource declaration of one shard actor, so :func:`check_resources` can vet it."""
+class _ShardResources:
+    """What one shard actor asks for, so :func:`check_resources` can vet it before starting."""
 
     name: str = "knn shards"
-
-    def process_batch(self, batch: Batch) -> Batch:  # pragma: no cover - never mapped
-        raise NotImplementedError("knn shards are actors, not a Ray Data stage")
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
 
 
 @ray.remote
@@ -275,7 +274,7 @@ class ShardedIndex:
         bounds = (np.arange(shards + 1, dtype=np.int64) * n) // shards
         ensure_ray()
         check_resources(
-            _ShardStage(num_cpus=num_cpus_per_shard, num_gpus=num_gpus_per_shard), shards
+            _ShardResources(num_cpus=num_cpus_per_shard, num_gpus=num_gpus_per_shard), shards
         )
         opts: dict[str, Any] = {"num_cpus": num_cpus_per_shard, "num_gpus": num_gpus_per_shard}
         if spread:
