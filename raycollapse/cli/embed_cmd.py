@@ -2,7 +2,7 @@
 
 INPUT: a folder of Parquet image shards (as ``raycollapse generate`` writes them), a .parquet
 file, a .npy of images (split into shards of 4096 rows, ids = row numbers) or a folder of image
-files (sorted paths, ids = positions). Output: ``DIR/part-XXXXX.parquet`` with ``id`` and
+files (sorted paths, ids = positions). Output: ``DIR/part-<nnnnn>.parquet`` with ``id`` and
 ``embedding`` columns, one per input shard; re-running resumes (complete shards are skipped).
 """
 

@@ -52,7 +52,7 @@ class NearestPair:
 
 @dataclass
 class IterationData:
-    """What one ``iter_XXX`` folder holds for the report."""
+    """What one ``iter_<nnn>`` folder holds for the report."""
 
     iteration: int
     samples_png: bytes | None = None

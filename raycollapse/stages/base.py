@@ -60,6 +60,23 @@ class _StageWorker:
         return self.stage.process_batch(batch)
 
 
+def worker_device(num_gpus: float, stage: str, config_key: str) -> str:
+    """CUDA when Ray gave this actor a GPU; a GPU request without CUDA is an error, never the CPU."""
+    if num_gpus <= 0:
+        return "cpu"
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserInputError(
+            f"the {stage} actor was given {num_gpus:g} GPU by Ray (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}) but torch sees no CUDA device; install a "
+            f"CUDA build of torch on the workers, or set {config_key}=0 to run on CPUs."
+        )
+    return "cuda"
+
+
 def check_resources(stage: Stage | Any, actors: int) -> None:
     """Fail fast (instead of waiting forever) when the cluster can never place the actors.
 

@@ -26,7 +26,6 @@ as ``UserInputError`` naming the shard, and every shard finished before it stays
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -51,6 +50,7 @@ from raycollapse.stages.base import (
     map_stage,
     shard_is_complete,
     shard_scheduling,
+    worker_device,
 )
 from raycollapse.stages.runtime import ensure_ray
 
@@ -99,21 +99,6 @@ def signature(features: dict[str, Any], weights: ResolvedWeights) -> dict[str, A
     if features["name"] == "dinov2":
         sig["image_size"] = int(features["dinov2_image_size"])
     return sig
-
-
-def _worker_device(num_gpus: float) -> str:
-    """CUDA when Ray gave this actor a GPU; asking for one and not getting CUDA is an error."""
-    if num_gpus <= 0:
-        return "cpu"
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserInputError(
-            f"the embed actor was given {num_gpus:g} GPU by Ray (CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}) but torch sees no CUDA device; install a "
-            "CUDA build of torch on the workers, or set resources.embed_gpus_per_actor=0 to embed on CPUs."
-        )
-    return "cuda"
 
 
 def images_from_column(values: Any, *, name: str = "") -> list[np.ndarray]:
@@ -173,7 +158,10 @@ class EmbedStage(Stage):
     features: dict[str, Any] = field(default_factory=lambda: features_dict(None))
 
     def setup(self) -> None:
-        self.extractor = extractor_from_config(self.features, device=_worker_device(self.num_gpus))
+        self.extractor = extractor_from_config(
+            self.features,
+            device=worker_device(self.num_gpus, "embed", "resources.embed_gpus_per_actor"),
+        )
 
     def process_batch(self, batch: Batch) -> Batch:
         if "image" not in batch:

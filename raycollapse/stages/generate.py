@@ -49,6 +49,7 @@ from raycollapse.stages.base import (
     map_stage,
     shard_is_complete,
     shard_scheduling,
+    worker_device,
 )
 from raycollapse.stages.runtime import ensure_ray
 
@@ -113,20 +114,6 @@ def _weights_digest(checkpoint: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _worker_device(num_gpus: float) -> str:
-    """CUDA when Ray gave this actor a GPU; a GPU request without CUDA is an error, never CPU."""
-    if num_gpus <= 0:
-        return "cpu"
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserInputError(
-            f"the generate actor was given {num_gpus:g} GPU by Ray but torch sees no CUDA device; install "
-            "a CUDA build of torch on the workers, or set resources.generate_gpus_per_actor=0."
-        )
-    return "cuda"
-
-
 @dataclass
 class GenerateStage(Stage):
     """Ray Data stage over shard specs: samples, encodes and writes one shard per row.
@@ -149,7 +136,9 @@ class GenerateStage(Stage):
         try:
             from raycollapse.core.checkpoint import load_checkpoint
 
-            self.device = _worker_device(self.num_gpus)
+            self.device = worker_device(
+                self.num_gpus, "generate", "resources.generate_gpus_per_actor"
+            )
             self.ckpt = load_checkpoint(self.checkpoint, device=self.device)
             self.labels_for(np.zeros(1, dtype=np.int64))  # label / guidance problems, once
         except Exception as exc:  # noqa: BLE001 - reported per shard, re-raised by the driver

@@ -9,7 +9,7 @@
 - DDP through ``ray.train.torch.prepare_model``; the step is the core ``train_step``.
 - Every ``checkpoint_every`` steps (and at the end) all ranks call ``ray.train.report`` with a
   checkpoint folder: rank 0 writes ``train_state.pt`` (model, EMA, optimiser, LR schedule, step,
-  losses), every rank ``rank_XXX.pt`` (its noise generator and index stream); Ray Train merges
+  losses), every rank ``rank_<n>.pt`` (its noise generator and index stream); Ray Train merges
   them into one folder under ``storage_path/run_name``. Files are ``torch.save`` of plain data,
   read back with ``weights_only=True``. Each rank then waits until Ray Train has committed the
   checkpoint, so a restarted worker group (``FailureConfig(max_failures)``) or a re-run with the
