@@ -33,6 +33,7 @@ import torch
 from scipy.special import digamma
 
 from raycollapse.core.entropy import kl_entropy, log_unit_ball_volume
+from raycollapse.core.knn import knn_self
 from raycollapse.core.selection import default_tau0, greedy_select, threshold_select
 
 # ---------------------------------------------------------------------------------------- data
@@ -192,6 +193,9 @@ def bench_threshold(data: str, x: np.ndarray, budget: int) -> dict[str, Any]:
 def bench_entropy(data: str, x: np.ndarray) -> dict[str, Any]:
     ours, t_ours = _timed(kl_entropy, x, 3)
     ref, t_ref = _timed(entropy_reference, x, 3)
+    # The same kNN without partition pruning: what the pruning itself contributes.
+    flat, t_flat = _timed(knn_self, x, 3, method="flat")
+    same_knn = bool(np.array_equal(flat.distances[:, 2], knn_self(x, 3).distances[:, 2]))
     # H = const + d * mean(log r): compare relative to max(|H|, 1) (H can be close to 0)
     rel = abs(ours.entropy - ref) / max(abs(ref), 1.0)
     return _row(
@@ -201,7 +205,8 @@ def bench_entropy(data: str, x: np.ndarray) -> dict[str, Any]:
         None,
         t_ours,
         t_ref,
-        bool(rel < 1e-6),
+        bool(rel < 1e-6 and same_knn),
+        flat_knn_s=round(t_flat, 3),
         entropy=ours.entropy,
         entropy_ref=ref,
         rel_diff=rel,

@@ -27,20 +27,18 @@ Speed without changing a single decision comes from three tools:
 
 from __future__ import annotations
 
-import contextlib
 import numbers
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from raycollapse.core.threads import blas_single_threaded
 from raycollapse.core.validate import as_features
 from raycollapse.errors import UserInputError
 
 __all__ = [
     "ApproxSpace",
-    "blas_single_threaded",
     "check_budget",
     "exact_distances",
     "exact_pair_distances",
@@ -65,31 +63,6 @@ def check_budget(budget: Any, n: int) -> int:
             "lower the budget or provide a larger candidate pool"
         )
     return budget
-
-
-@contextlib.contextmanager
-def blas_single_threaded() -> Iterator[int]:
-    """Run the block with single-threaded BLAS; yields the thread count BLAS had before.
-
-    The selection loops issue thousands of small or memory-bound products. Multi-threaded
-    OpenBLAS spin-waits at every call and stalls when a core is shared (measured on the 2-core
-    dev machine under load 4: greedy N=100k, d=64, B=10k took 24 s with 2 BLAS threads and
-    5.5 s with 1). Large products are split over Python threads instead (:func:`_scan`), as many
-    as BLAS had threads (Ray sets that from the task's CPUs). BLAS is process-global: other
-    threads of this process run single-threaded BLAS meanwhile. A no-op without threadpoolctl.
-    """
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        yield 1
-        return
-    blas = ThreadpoolController().select(user_api="blas")
-    threads = max([int(i["num_threads"]) for i in blas.info()] or [1])
-    limiter = blas.limit(limits=1)
-    try:
-        yield threads
-    finally:
-        limiter.restore_original_limits()
 
 
 def exact_distances(x: np.ndarray, rows: np.ndarray, c: int) -> np.ndarray:

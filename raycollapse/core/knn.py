@@ -16,10 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import faiss
 import numpy as np
 
+from raycollapse.core.distances import pair_distances, rerank_exact, sort_rows
+from raycollapse.core.knn_partitioned import default_n_lists, partitioned_candidates
 from raycollapse.core.validate import as_features, check_k
 from raycollapse.errors import UserInputError
 
@@ -64,25 +67,6 @@ def faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources")
 
 
-def pair_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact Euclidean distances between paired rows: ``out[i] = ||a[i] - b[i]||`` (float64).
-
-    Computed as ``sqrt(sum((a - b)**2))`` in float64 from the (float32) inputs, never through
-    ``|a|^2 + |b|^2 - 2 a.b``: the difference of two float32 values is exact in float64, so
-    identical rows give exactly 0.0. All of raycollapse uses this one function for distances that
-    are compared with each other, so the same pair always gives the same bits.
-    """
-    diff = np.subtract(a, b, dtype=np.float64)
-    np.multiply(diff, diff, out=diff)
-    return np.sqrt(diff.sum(axis=1))
-
-
-def _sort_rows(dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort each row by (distance, index)."""
-    order = np.lexsort((idx, dist), axis=-1)
-    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(idx, order, axis=1)
-
-
 @contextmanager
 def _faiss_threads(threads: int | None) -> Iterator[None]:
     """Run the body with ``faiss.omp_set_num_threads(threads)``; None leaves FAISS defaults."""
@@ -123,6 +107,23 @@ def _parse_device(device: str) -> int | None:
             f"device={device!r} but FAISS sees {available} GPU(s); use a visible GPU or 'cpu'"
         )
     return gpu
+
+
+def _check_search_k(k: int, ntotal: int, *, gpu: bool) -> int:
+    """Validate the neighbour count of a search in ``ntotal`` database rows."""
+    if ntotal == 0:
+        raise UserInputError("the index is empty; add vectors before searching")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise UserInputError(f"k must be a positive integer, got {k!r}; raise --k")
+    if k > ntotal:
+        raise UserInputError(
+            f"k must be <= number of database points N={ntotal}, got {k}; lower --k"
+        )
+    if gpu and k > _GPU_MAX_K:  # pragma: no cover - GPU only
+        raise UserInputError(
+            f"k={k} exceeds the FAISS GPU limit of {_GPU_MAX_K}; lower --k or use 'cpu'"
+        )
+    return int(k)
 
 
 class FlatIndex:
@@ -201,19 +202,7 @@ class FlatIndex:
         return q
 
     def _check_k(self, k: int) -> int:
-        if self.ntotal == 0:
-            raise UserInputError("the index is empty; add vectors before searching")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise UserInputError(f"k must be a positive integer, got {k!r}; raise --k")
-        if k > self.ntotal:
-            raise UserInputError(
-                f"k must be <= number of database points N={self.ntotal}, got {k}; lower --k"
-            )
-        if self._gpu is not None and k > _GPU_MAX_K:  # pragma: no cover - GPU only
-            raise UserInputError(
-                f"k={k} exceeds the FAISS GPU limit of {_GPU_MAX_K}; lower --k or use 'cpu'"
-            )
-        return int(k)
+        return _check_search_k(k, self.ntotal, gpu=self._gpu is not None)
 
     def _search(
         self,
@@ -238,15 +227,7 @@ class FlatIndex:
             for start in range(0, nq, batch_size):
                 qb = q[start : start + batch_size]
                 _, cand = self._index.search(qb, n_fetch)
-                cand = cand.astype(np.int64, copy=False)
-                # FAISS's float32 distances are |q|^2 + |x|^2 - 2 q.x: catastrophic
-                # cancellation makes a duplicate come out as ~1e-6 instead of 0 and can swap
-                # near-ties. Recompute the candidates' distances exactly (float64, from the
-                # float32 rows), then re-sort by (distance, index).
-                dist = np.empty(cand.shape, dtype=np.float64)
-                for j in range(n_fetch):
-                    dist[:, j] = pair_distances(qb, data[cand[:, j]])
-                dist, cand = _sort_rows(dist, cand)
+                dist, cand = rerank_exact(qb, data, cand)
                 if query_ids is not None:
                     res = drop_self(KnnResult(dist, cand), query_ids[start : start + batch_size], k)
                     dist, cand = res.distances, res.indices
@@ -308,8 +289,41 @@ def merge_topk(results: Sequence[KnnResult], offsets: Sequence[int], k: int) -> 
             f"merge_topk: k must be between 1 and the {dist.shape[1]} neighbours the shards "
             f"returned, got {k!r}"
         )
-    dist, idx = _sort_rows(dist, idx)
+    dist, idx = sort_rows(dist, idx)
     return KnnResult(np.ascontiguousarray(dist[:, :k]), np.ascontiguousarray(idx[:, :k]))
+
+
+KnnMethod = Literal["auto", "flat", "partitioned"]
+# "auto" prunes with partitions from this many database rows on (below, flat is fast anyway)
+# and when there are enough queries to repay the partition (k-means + one pass over the rows).
+_PARTITION_MIN_ROWS = 20_000
+_PARTITION_QUERIES_PER_LIST = 16
+
+
+def _use_partitions(method: str, device: str, n_db: int, n_queries: int) -> bool:
+    if method not in ("auto", "flat", "partitioned"):
+        raise UserInputError(f"method must be 'auto', 'flat' or 'partitioned', got {method!r}")
+    if method == "partitioned" and device != "cpu":
+        raise UserInputError(
+            f"method='partitioned' runs on the CPU, but device={device!r}; use method='flat' "
+            "(or 'auto') on a GPU"
+        )
+    if method == "auto":
+        return (
+            device == "cpu"
+            and n_db >= _PARTITION_MIN_ROWS
+            and n_queries >= _PARTITION_QUERIES_PER_LIST * default_n_lists(n_db)
+        )
+    return method == "partitioned"
+
+
+def _partitioned(
+    db: np.ndarray, q: np.ndarray, k: int, need: int, threads: int | None, batch_size: int
+) -> KnnResult:
+    n_fetch = min(need + _RERANK_PAD, db.shape[0])
+    with _faiss_threads(threads):
+        dist, idx, _ = partitioned_candidates(db, q, need, n_fetch, batch_size=batch_size)
+    return KnnResult(dist, idx)
 
 
 def knn_search(
@@ -320,6 +334,7 @@ def knn_search(
     batch_size: int = 4096,
     threads: int | None = None,
     device: str = "cpu",
+    method: KnnMethod = "auto",
 ) -> KnnResult:
     """The ``k`` nearest ``database`` rows of each ``queries`` row (exact Euclidean).
 
@@ -327,12 +342,23 @@ def knn_search(
     Queries are searched ``batch_size`` rows at a time. ``threads`` sets FAISS's OpenMP threads
     for the call (None: FAISS default). ``device='cuda'`` uses a FAISS GPU index and raises
     UserInputError when faiss-gpu is not installed (no silent CPU fallback).
+
+    ``method``: ``'flat'`` compares every query with every row; ``'partitioned'`` skips the
+    rows the triangle inequality rules out (:mod:`raycollapse.core.knn_partitioned`, CPU only;
+    same result, much faster on clustered data); ``'auto'`` partitions on the CPU for large
+    searches (N >= 20,000 rows and at least 16 queries per partition list).
     """
     db = as_features(database, "database", min_rows=1)
     index = FlatIndex(db.shape[1], device=device, threads=threads)
     q = index._check_queries(queries)
+    k = _check_search_k(k, db.shape[0], gpu=index._gpu is not None)
+    if _use_partitions(method, device, db.shape[0], q.shape[0]):
+        res = _partitioned(db, q, k, k, threads, _check_batch_size(batch_size))
+        return KnnResult(
+            np.ascontiguousarray(res.distances[:, :k]), np.ascontiguousarray(res.indices[:, :k])
+        )
     index.add(db)
-    return index._search(q, index._check_k(k), batch_size=batch_size)
+    return index._search(q, k, batch_size=batch_size)
 
 
 def knn_self(
@@ -342,6 +368,7 @@ def knn_self(
     batch_size: int = 4096,
     threads: int | None = None,
     device: str = "cpu",
+    method: KnnMethod = "auto",
 ) -> KnnResult:
     """The ``k`` nearest neighbours of every row of ``x`` among the other rows (1 <= k < N).
 
@@ -351,9 +378,11 @@ def knn_self(
     x = as_features(x, "features")
     k = check_k(k, x.shape[0])
     index = FlatIndex(x.shape[1], device=device, threads=threads)
-    index.add(x)
     if index._gpu is not None and k + 1 > _GPU_MAX_K:  # pragma: no cover - GPU only
         raise UserInputError(f"k={k} exceeds the FAISS GPU limit; lower --k or use 'cpu'")
-    return index._search(
-        x, k, batch_size=batch_size, query_ids=np.arange(x.shape[0], dtype=np.int64)
-    )
+    ids = np.arange(x.shape[0], dtype=np.int64)
+    if _use_partitions(method, device, x.shape[0], x.shape[0]):
+        res = _partitioned(x, x, k, k + 1, threads, _check_batch_size(batch_size))
+        return drop_self(res, ids, k)
+    index.add(x)
+    return index._search(x, k, batch_size=batch_size, query_ids=ids)

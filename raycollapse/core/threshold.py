@@ -31,11 +31,11 @@ import numpy as np
 
 from raycollapse.core.greedy import (
     ApproxSpace,
-    blas_single_threaded,
     check_budget,
     exact_distances,
     exact_pair_distances,
 )
+from raycollapse.core.threads import blas_single_threaded
 from raycollapse.core.validate import as_features
 from raycollapse.errors import UserInputError
 
