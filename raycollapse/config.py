@@ -132,7 +132,9 @@ class KnnConfig:
 
     k: int = 3
     eps: float = 1e-10  # floor on r_k for exact duplicates (the paper's code uses 1e-10)
-    batch_size: int = 4096  # query rows per FAISS search call: bounds memory
+    # Query rows per search call: bounds memory (~ batch_size x (4 d + 16 (k + 9)) bytes); with
+    # shards, also the rows a shard groups at once (more per partition list prune better).
+    batch_size: int = 65536
     shards: int = 1  # Ray actors holding one shard of the index each
     bootstrap: int = 0  # bootstrap replicates for a confidence interval; 0 = none
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from raycollapse.core.knn import (
-    FlatIndex,
+    ExactIndex,
     KnnResult,
     drop_self,
     faiss_has_gpu,
@@ -122,7 +122,7 @@ def test_flat_index_multiple_adds_and_data() -> None:
     rng = np.random.default_rng(3)
     a = rng.normal(size=(40, 5)).astype(np.float32)
     b = rng.normal(size=(25, 5)).astype(np.float32)
-    index = FlatIndex(5)
+    index = ExactIndex(5)
     index.add(a)
     index.add(b)
     assert index.ntotal == 65
@@ -143,7 +143,7 @@ def test_merge_topk_of_shards_equals_single_index(k: int) -> None:
     bounds = [0, 50, 57, 200]  # uneven shards, one smaller than k + 8
     results, offsets = [], []
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        shard = FlatIndex(4)
+        shard = ExactIndex(4)
         shard.add(x[lo:hi])
         results.append(shard.search(q, min(k, hi - lo)))
         offsets.append(lo)
@@ -164,7 +164,7 @@ def test_sharded_self_knn_with_drop_self_equals_knn_self() -> None:
     bounds = [0, 40, 41, 120]
     results = []
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        shard = FlatIndex(3)
+        shard = ExactIndex(3)
         shard.add(x[lo:hi])
         results.append(shard.search(x, min(k + 1, hi - lo)))
     merged = merge_topk(results, bounds[:-1], k + 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raycollapse.core.knn import knn_search, knn_self
+from raycollapse.core.knn import ExactIndex, knn_search, knn_self
 from raycollapse.core.knn_partitioned import (
     build_partition,
     default_n_lists,
@@ -156,3 +156,18 @@ def test_low_dimension_mixed_density_needs_neighbouring_lists(k: int) -> None:
     ref_d, ref_i = brute_knn(x, x, k + 1)
     np.testing.assert_array_equal(idx[:, : k + 1], ref_i)
     np.testing.assert_allclose(dist[:, : k + 1], ref_d, rtol=1e-12, atol=0)
+
+
+def test_exact_index_rebuilds_its_partition_after_add() -> None:
+    a, b = clustered(1500, 6, seed=8), clustered(700, 6, seed=9)
+    q = clustered(200, 6, seed=10)
+    index = ExactIndex(6, method="partitioned")
+    index.add(a)
+    check_equal(index.search(q, 4), *brute_knn(q, a, 4))
+    index.add(b)  # the partition of `a` alone would miss b's rows
+    check_equal(index.search(q, 4), *brute_knn(q, np.concatenate([a, b]), 4))
+
+
+def test_partitioned_on_a_gpu_is_refused() -> None:
+    with pytest.raises(UserInputError, match="method='partitioned' runs on the CPU"):
+        ExactIndex(4, device="cuda", method="partitioned")

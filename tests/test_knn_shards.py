@@ -45,9 +45,16 @@ def _write_parquet(x: np.ndarray, folder, sizes: list[int]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("shards", "source"), [(1, "array"), (2, "array"), (3, "parquet"), (4, "array")]
+    ("shards", "source", "method"),
+    [
+        (1, "array", "flat"),
+        (2, "array", "partitioned"),
+        (3, "parquet", "partitioned"),
+        (4, "array", "auto"),
+    ],
 )
-def test_sharded_equals_single_index(ray_local, tmp_path, shards, source):
+def test_sharded_equals_single_index(ray_local, tmp_path, shards, source, method):
+    """Shards (flat or pruned by a partition) against the flat in-process search."""
     x = _data()
     rng = np.random.default_rng(1)
     gen = rng.normal(scale=4.0, size=(257, D)).astype(np.float32)
@@ -59,13 +66,15 @@ def test_sharded_equals_single_index(ray_local, tmp_path, shards, source):
     else:
         src = x
     # batch_size below the shard size: several query batches per shard, and a ragged last one
-    with ShardedIndex.build(src, shards, num_cpus_per_shard=0.5, batch_size=300) as index:
+    with ShardedIndex.build(
+        src, shards, num_cpus_per_shard=0.5, batch_size=300, method=method
+    ) as index:
         assert (index.n, index.d, index.shards) == (N, D, shards)
         for k in (1, 3, 7):
-            got, want = index.knn_self(k), knn_self(x, k)
+            got, want = index.knn_self(k), knn_self(x, k, method="flat")
             np.testing.assert_array_equal(got.distances, want.distances)
             np.testing.assert_array_equal(got.indices, want.indices)
-        got, want = index.search(gen, 5), knn_search(x, gen, 5)
+        got, want = index.search(gen, 5), knn_search(x, gen, 5, method="flat")
         np.testing.assert_array_equal(got.distances, want.distances)
         np.testing.assert_array_equal(got.indices, want.indices)
         assert index.entropy(3, 1e-10, bootstrap=50, seed=7) == kl_entropy(

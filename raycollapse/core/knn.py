@@ -1,12 +1,13 @@
 """Exact k-nearest-neighbour search on FAISS flat (brute-force) indexes, Euclidean distance.
 
-FAISS finds the candidate neighbours; the distances returned here are then recomputed exactly
+On the CPU, large searches skip the rows a k-means partition and the triangle inequality rule
+out (:mod:`raycollapse.core.knn_partitioned`; same result). FAISS finds the candidate neighbours; the distances returned here are then recomputed exactly
 (see :func:`pair_distances`) so that exact duplicates come out as 0.0 and results are
 reproducible to the last bit. Memory stays bounded: queries go to FAISS in batches of
 ``batch_size`` rows and no N x N matrix is ever built; besides the index (N x d float32) a
 search holds ~ batch_size x (k + 9) results and one batch_size x d float64 difference array.
 
-The sharded Ray index holds one :class:`FlatIndex` per shard, queries every shard, combines the
+The sharded Ray index holds one :class:`ExactIndex` per shard, queries every shard, combines the
 per-shard results with :func:`merge_topk` and, for a within-set search, removes each point
 itself with :func:`drop_self` (asking the shards for ``k + 1`` neighbours).
 """
@@ -22,12 +23,18 @@ import faiss
 import numpy as np
 
 from raycollapse.core.distances import pair_distances, rerank_exact, sort_rows
-from raycollapse.core.knn_partitioned import default_n_lists, partitioned_candidates
+from raycollapse.core.knn_partitioned import (
+    Partition,
+    build_partition,
+    default_n_lists,
+    partitioned_candidates,
+)
 from raycollapse.core.validate import as_features, check_k
 from raycollapse.errors import UserInputError
 
 __all__ = [
-    "FlatIndex",
+    "ExactIndex",
+    "KnnMethod",
     "KnnResult",
     "drop_self",
     "faiss_has_gpu",
@@ -43,6 +50,13 @@ __all__ = [
 _RERANK_PAD = 8
 # FAISS GPU flat indexes return at most this many neighbours per query.
 _GPU_MAX_K = 2048
+
+KnnMethod = Literal["auto", "flat", "partitioned"]
+# method="auto" prunes with partitions (core/knn_partitioned.py) from this many rows on (below,
+# flat is fast anyway) and when a search brings enough queries per partition list to repay the
+# per-group work (measured: 3 per list is slower than flat, 13 already 2x faster).
+_PARTITION_MIN_ROWS = 20_000
+_PARTITION_QUERIES_PER_LIST = 8
 
 
 @dataclass(frozen=True)
@@ -126,19 +140,46 @@ def _check_search_k(k: int, ntotal: int, *, gpu: bool) -> int:
     return int(k)
 
 
-class FlatIndex:
+def _check_method(method: str, device: str) -> str:
+    if method not in ("auto", "flat", "partitioned"):
+        raise UserInputError(f"method must be 'auto', 'flat' or 'partitioned', got {method!r}")
+    if method == "partitioned" and device != "cpu":
+        raise UserInputError(
+            f"method='partitioned' runs on the CPU, but device={device!r}; use method='flat' "
+            "(or 'auto') on a GPU"
+        )
+    return method
+
+
+class ExactIndex:
     """Exact Euclidean index over float32 vectors (a FAISS ``IndexFlatL2``, CPU or GPU).
 
     Its rows are numbered 0..ntotal-1 in the order added. ``search`` returns exact float64
     distances (recomputed from the stored float32 rows, see :func:`pair_distances`).
+
+    ``method``: ``'flat'`` compares every query with every row; ``'partitioned'`` skips the
+    rows the triangle inequality rules out (:mod:`raycollapse.core.knn_partitioned`, CPU only:
+    the same result, many times faster on clustered data, a few per cent slower on data without
+    clusters); ``'auto'`` partitions on the CPU for searches of at least 20,000 rows with at
+    least 8 queries per partition list (about sqrt(N) lists). The partition is built at the
+    first such search and kept until the next ``add``.
     """
 
-    def __init__(self, d: int, *, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        d: int,
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+        method: KnnMethod = "auto",
+    ) -> None:
         if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
             raise UserInputError(f"index dimension d must be a positive integer, got {d!r}")
         self.d = int(d)
         self.device = device
         self.threads = threads
+        self.method = _check_method(method, device)
+        self._partition: Partition | None = None
         gpu = _parse_device(device)
         self._gpu_resources = None
         # Host copies of the rows, only where FAISS's own storage cannot be viewed (GPU).
@@ -168,6 +209,7 @@ class FlatIndex:
             )
         with _faiss_threads(self.threads):
             self._index.add(x)
+        self._partition = None
         if self._host_chunks is not None:  # pragma: no cover - GPU only
             self._host_chunks.append(x.copy())
 
@@ -219,6 +261,8 @@ class FlatIndex:
         n_fetch = min(need + _RERANK_PAD, self.ntotal)
         if self._gpu is not None:  # pragma: no cover - GPU only
             n_fetch = min(n_fetch, _GPU_MAX_K)
+        if self._prunes(q.shape[0]):
+            return self._search_partitioned(q, k, need, n_fetch, batch_size, query_ids)
         data = self.data()
         nq = q.shape[0]
         out_d = np.empty((nq, k), dtype=np.float64)
@@ -234,6 +278,53 @@ class FlatIndex:
                 out_d[start : start + qb.shape[0]] = dist[:, :k]
                 out_i[start : start + qb.shape[0]] = cand[:, :k]
         return KnnResult(out_d, out_i)
+
+    def _prunes(self, n_queries: int) -> bool:
+        """Whether a search of ``n_queries`` queries goes through the partition."""
+        if self.method != "auto":
+            return self.method == "partitioned"
+        n = self.ntotal
+        return (
+            self._gpu is None
+            and n >= _PARTITION_MIN_ROWS
+            and n_queries >= _PARTITION_QUERIES_PER_LIST * default_n_lists(n)
+        )
+
+    def search_order(self, n_queries: int) -> np.ndarray:
+        """An order of the rows that keeps neighbours together, for searches whose queries are
+        this index's own rows sent in batches (the sharded within-set search).
+
+        When a search of ``n_queries`` queries is pruned (see the class docstring), the rows
+        sorted by partition list: a batch then holds whole lists, so its queries form large
+        groups, as in one search of all rows at once. Otherwise ``0 .. ntotal - 1``.
+        """
+        if not self._prunes(n_queries):
+            return np.arange(self.ntotal, dtype=np.int64)
+        return self._get_partition().order.copy()
+
+    def _get_partition(self) -> Partition:
+        if self._partition is None:
+            with _faiss_threads(self.threads):
+                self._partition = build_partition(self.data(), default_n_lists(self.ntotal))
+        return self._partition
+
+    def _search_partitioned(
+        self,
+        q: np.ndarray,
+        k: int,
+        need: int,
+        n_fetch: int,
+        batch_size: int,
+        query_ids: np.ndarray | None,
+    ) -> KnnResult:
+        partition = self._get_partition()
+        with _faiss_threads(self.threads):
+            dist, idx, _ = partitioned_candidates(
+                self.data(), q, need, n_fetch, partition=partition, batch_size=batch_size
+            )
+        if query_ids is not None:
+            return drop_self(KnnResult(dist, idx), query_ids, k)
+        return KnnResult(np.ascontiguousarray(dist[:, :k]), np.ascontiguousarray(idx[:, :k]))
 
 
 def drop_self(result: KnnResult, query_ids: np.ndarray, k: int) -> KnnResult:
@@ -293,39 +384,6 @@ def merge_topk(results: Sequence[KnnResult], offsets: Sequence[int], k: int) -> 
     return KnnResult(np.ascontiguousarray(dist[:, :k]), np.ascontiguousarray(idx[:, :k]))
 
 
-KnnMethod = Literal["auto", "flat", "partitioned"]
-# "auto" prunes with partitions from this many database rows on (below, flat is fast anyway)
-# and when there are enough queries to repay the partition (k-means + one pass over the rows).
-_PARTITION_MIN_ROWS = 20_000
-_PARTITION_QUERIES_PER_LIST = 16
-
-
-def _use_partitions(method: str, device: str, n_db: int, n_queries: int) -> bool:
-    if method not in ("auto", "flat", "partitioned"):
-        raise UserInputError(f"method must be 'auto', 'flat' or 'partitioned', got {method!r}")
-    if method == "partitioned" and device != "cpu":
-        raise UserInputError(
-            f"method='partitioned' runs on the CPU, but device={device!r}; use method='flat' "
-            "(or 'auto') on a GPU"
-        )
-    if method == "auto":
-        return (
-            device == "cpu"
-            and n_db >= _PARTITION_MIN_ROWS
-            and n_queries >= _PARTITION_QUERIES_PER_LIST * default_n_lists(n_db)
-        )
-    return method == "partitioned"
-
-
-def _partitioned(
-    db: np.ndarray, q: np.ndarray, k: int, need: int, threads: int | None, batch_size: int
-) -> KnnResult:
-    n_fetch = min(need + _RERANK_PAD, db.shape[0])
-    with _faiss_threads(threads):
-        dist, idx, _ = partitioned_candidates(db, q, need, n_fetch, batch_size=batch_size)
-    return KnnResult(dist, idx)
-
-
 def knn_search(
     database: np.ndarray,
     queries: np.ndarray,
@@ -341,22 +399,13 @@ def knn_search(
     Distances are exact float64 (see :func:`pair_distances`), rows sorted by (distance, index).
     Queries are searched ``batch_size`` rows at a time. ``threads`` sets FAISS's OpenMP threads
     for the call (None: FAISS default). ``device='cuda'`` uses a FAISS GPU index and raises
-    UserInputError when faiss-gpu is not installed (no silent CPU fallback).
-
-    ``method``: ``'flat'`` compares every query with every row; ``'partitioned'`` skips the
-    rows the triangle inequality rules out (:mod:`raycollapse.core.knn_partitioned`, CPU only;
-    same result, much faster on clustered data); ``'auto'`` partitions on the CPU for large
-    searches (N >= 20,000 rows and at least 16 queries per partition list).
+    UserInputError when faiss-gpu is not installed (no silent CPU fallback). ``method``: see
+    :class:`ExactIndex` (the result does not depend on it).
     """
     db = as_features(database, "database", min_rows=1)
-    index = FlatIndex(db.shape[1], device=device, threads=threads)
+    index = ExactIndex(db.shape[1], device=device, threads=threads, method=method)
     q = index._check_queries(queries)
     k = _check_search_k(k, db.shape[0], gpu=index._gpu is not None)
-    if _use_partitions(method, device, db.shape[0], q.shape[0]):
-        res = _partitioned(db, q, k, k, threads, _check_batch_size(batch_size))
-        return KnnResult(
-            np.ascontiguousarray(res.distances[:, :k]), np.ascontiguousarray(res.indices[:, :k])
-        )
     index.add(db)
     return index._search(q, k, batch_size=batch_size)
 
@@ -377,12 +426,10 @@ def knn_self(
     """
     x = as_features(x, "features")
     k = check_k(k, x.shape[0])
-    index = FlatIndex(x.shape[1], device=device, threads=threads)
+    index = ExactIndex(x.shape[1], device=device, threads=threads, method=method)
     if index._gpu is not None and k + 1 > _GPU_MAX_K:  # pragma: no cover - GPU only
         raise UserInputError(f"k={k} exceeds the FAISS GPU limit; lower --k or use 'cpu'")
-    ids = np.arange(x.shape[0], dtype=np.int64)
-    if _use_partitions(method, device, x.shape[0], x.shape[0]):
-        res = _partitioned(x, x, k, k + 1, threads, _check_batch_size(batch_size))
-        return drop_self(res, ids, k)
     index.add(x)
-    return index._search(x, k, batch_size=batch_size, query_ids=ids)
+    return index._search(
+        x, k, batch_size=batch_size, query_ids=np.arange(x.shape[0], dtype=np.int64)
+    )

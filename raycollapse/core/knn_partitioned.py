@@ -235,6 +235,7 @@ def partitioned_candidates(
     n_need: int,
     n_fetch: int,
     *,
+    partition: Partition | None = None,
     n_lists: int | None = None,
     seed: int = 0,
     flat_fraction: float = 0.5,
@@ -247,6 +248,9 @@ def partitioned_candidates(
     in the flat search). Returns ``(distances, indices, n_flat)``: (nq, n_fetch) float64 exact
     distances and int64 row numbers, rows sorted by (distance, index), and the number of
     queries that were searched flat because pruning would not pay off for their group.
+    ``partition``: one built before by :func:`build_partition` from the same ``data`` (an index
+    searched many times builds it once); else one with ``n_lists`` lists (default
+    :func:`default_n_lists`) is built here, k-means seeded with ``seed``.
 
     Groups are searched single-threaded on as many Python threads as BLAS has threads (many
     small products scale that way, see :mod:`raycollapse.core.threads`); the flat remainder
@@ -255,7 +259,11 @@ def partitioned_candidates(
     n, nq = data.shape[0], queries.shape[0]
     if not 1 <= n_need <= n_fetch <= n:
         raise ValueError(f"need 1 <= n_need ({n_need}) <= n_fetch ({n_fetch}) <= N ({n})")
-    part = build_partition(data, default_n_lists(n) if n_lists is None else n_lists, seed)
+    part = partition
+    if part is None:
+        part = build_partition(data, default_n_lists(n) if n_lists is None else n_lists, seed)
+    elif part.bounds[-1] != n:
+        raise ValueError(f"the partition covers {part.bounds[-1]} rows, the data has {n}")
     n_groups = part.centroids.shape[0]
     groups = _nearest_centroid(queries, part.centroids)
     q_order = np.argsort(groups, kind="stable")

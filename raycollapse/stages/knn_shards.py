@@ -1,8 +1,9 @@
 """Exact kNN over a database split into shards, one Ray actor per shard.
 
 Rows are cut into ``S`` contiguous shards (shard s holds global rows ``offsets[s]`` ..
-``offsets[s] + sizes[s] - 1``); each :class:`KnnShard` actor holds one FAISS flat index of its
-rows. A search sends every query batch to all shards, each returns its own top-k with *global*
+``offsets[s] + sizes[s] - 1``); each :class:`KnnShard` actor holds one exact index of its rows
+(:class:`~raycollapse.core.knn.ExactIndex`: FAISS flat, pruned by a partition on the CPU for
+large shards and query batches, as in the core path). A search sends every query batch to all shards, each returns its own top-k with *global*
 indices, and the driver merges them with :func:`~raycollapse.core.knn.merge_topk`, ordering by
 (exact distance, global index). The result is therefore the same as the in-process core path
 (:func:`~raycollapse.core.knn.knn_search` / :func:`~raycollapse.core.knn.knn_self`): same
@@ -14,8 +15,10 @@ row range: the driver then reads only file footers and never holds the vectors. 
 within-set search the query batches are the shards' own rows, passed actor to actor as object
 refs, so that path never ships the vectors through the driver either.
 
-Memory per actor: its rows (n_s x d float32) plus one query batch; on the driver: one batch of
-merged results per in-flight batch, and the (N, k) output.
+Memory per actor: its rows (n_s x d float32; twice that when partition-pruned, which keeps the
+rows sorted by list) plus one query batch; on the driver: one batch of merged results per
+in-flight batch, the (N, k) output and, for within-set searches, the shards' row orders (8 bytes
+per row).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import ray
 
 from raycollapse.core.entropy import EntropyResult, entropy_from_knn_distances
 from raycollapse.core.inputs import EMBEDDING_COLUMN, _list_column_to_matrix
-from raycollapse.core.knn import FlatIndex, KnnResult, drop_self, merge_topk
+from raycollapse.core.knn import ExactIndex, KnnMethod, KnnResult, drop_self, merge_topk
 from raycollapse.core.metrics import generalization_from_distances, memorized_from_distances
 from raycollapse.core.storage import list_files, open_fs, read_parquet
 from raycollapse.core.validate import as_features, check_k
@@ -86,20 +89,32 @@ class _ShardResources:
 
 @ray.remote
 class KnnShard:
-    """One shard: a :class:`FlatIndex` of global rows ``offset`` .. ``offset + ntotal - 1``."""
+    """One shard: an :class:`ExactIndex` of global rows ``offset`` .. ``offset + ntotal - 1``."""
 
-    def __init__(self, shard: int, offset: int, *, threads: int, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        shard: int,
+        offset: int,
+        *,
+        threads: int,
+        device: str = "cpu",
+        method: KnnMethod = "auto",
+    ) -> None:
         self.shard = shard
         self.offset = offset
         self.threads = threads
         self.device = device
-        self.index: FlatIndex | None = None
+        self.method = method
+        self.index: ExactIndex | None = None
+        self.order = np.empty(0, dtype=np.int64)  # see search_order
 
     def load_array(self, x: np.ndarray) -> tuple[int, int]:
         """Index the rows ``x`` (from the object store); returns (rows, d)."""
         name = f"embeddings of shard {self.shard} (rows {self.offset}..{self.offset + len(x) - 1})"
         x = as_features(x, name, min_rows=1)
-        self.index = FlatIndex(x.shape[1], device=self.device, threads=self.threads)
+        self.index = ExactIndex(
+            x.shape[1], device=self.device, threads=self.threads, method=self.method
+        )
         self.index.add(x)
         return self.index.ntotal, self.index.d
 
@@ -118,15 +133,23 @@ class KnnShard:
         res = self.index.search(queries, min(k, self.index.ntotal), batch_size=batch_size)
         return KnnResult(res.distances, res.indices + self.offset)
 
-    def self_search(self, start: int, stop: int, k: int, batch_size: int) -> KnnResult:
-        """:meth:`search` with this shard's own rows ``start`` .. ``stop - 1`` as queries."""
+    def search_order(self, n_queries: int) -> np.ndarray:
+        """Local row order for within-set batches (``ExactIndex.search_order``), kept here so
+        that :meth:`self_search` and :meth:`rows` take positions in it."""
         assert self.index is not None, "load_array/load_parquet first"
-        return self.search(self.index.data()[start:stop], k, batch_size)
+        self.order = self.index.search_order(n_queries)
+        return self.order
+
+    def self_search(self, start: int, stop: int, k: int, batch_size: int) -> KnnResult:
+        """:meth:`search` with this shard's rows at positions ``start`` .. ``stop - 1`` of its
+        search order as queries."""
+        return self.search(self.rows(start, stop), k, batch_size)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        """A copy of local rows ``start`` .. ``stop - 1`` (query batches for other shards)."""
+        """A copy of the rows at positions ``start`` .. ``stop - 1`` of the search order (query
+        batches for other shards)."""
         assert self.index is not None, "load_array/load_parquet first"
-        return self.index.data()[start:stop].copy()
+        return self.index.data()[self.order[start:stop]]
 
     def node_id(self) -> str:
         """The Ray node this actor runs on."""
@@ -241,9 +264,10 @@ class ShardedIndex:
         num_cpus_per_shard: float = 1.0,
         num_gpus_per_shard: float = 0.0,
         spread: bool = True,
-        batch_size: int = 4096,
+        batch_size: int = 65536,
         column: str = EMBEDDING_COLUMN,
         start_timeout_s: float | None = 600.0,
+        method: KnnMethod = "auto",
     ) -> ShardedIndex:
         """Start ``shards`` actors over the rows of ``source`` cut into contiguous shards.
 
@@ -254,7 +278,10 @@ class ShardedIndex:
         int(num_cpus_per_shard))`` threads; ``num_gpus_per_shard > 0`` asks for a GPU index
         (an error when faiss-gpu is missing: never a silent CPU fallback). Actors not running
         after ``start_timeout_s`` (their CPUs/GPUs held by other work) raise UserInputError
-        instead of waiting forever; None waits (e.g. for an autoscaler).
+        instead of waiting forever; None waits (e.g. for an autoscaler). ``method``: the
+        shards' search, as in :class:`~raycollapse.core.knn.ExactIndex` (same result); query
+        batches of ``batch_size`` rows should hold several queries per partition list (about
+        sqrt(rows per shard) lists) for the pruning to pay.
         """
         x: np.ndarray | None = None
         if isinstance(source, (str, Path)):
@@ -282,7 +309,9 @@ class ShardedIndex:
         device = "cuda" if num_gpus_per_shard > 0 else "cpu"
         threads = max(1, int(num_cpus_per_shard))
         actors = [
-            KnnShard.options(**opts).remote(s, int(bounds[s]), threads=threads, device=device)
+            KnnShard.options(**opts).remote(
+                s, int(bounds[s]), threads=threads, device=device, method=method
+            )
             for s in range(shards)
         ]
         try:
@@ -348,11 +377,18 @@ class ShardedIndex:
             out_d[start : start + bs], out_i[start : start + bs] = merged.distances, merged.indices
         return KnnResult(out_d, out_i)
 
-    def _self_batches(self, k: int, batch_size: int | None) -> Iterator[tuple[int, KnnResult]]:
-        """(global first row, k neighbours excluding self) per batch of database rows."""
+    def _self_batches(
+        self, k: int, batch_size: int | None
+    ) -> Iterator[tuple[np.ndarray, KnnResult]]:
+        """(global row ids, their k neighbours excluding self) per batch of database rows.
+
+        Each shard issues its rows in its search order (partition lists together, so that a
+        batch forms large query groups on every shard); ``ids`` says which rows a batch holds.
+        """
         self._check_k(k)  # live actors
         k = check_k(k, self.n)
         bs = batch_size or self.batch_size
+        orders = _get([a.search_order.remote(self.n) for a in self._actors])
         items = [
             (s, a, min(a + bs, size))
             for s, size in enumerate(self.sizes)
@@ -375,25 +411,24 @@ class ShardedIndex:
             # k + 1 from every shard, merged, then the point itself removed by global index:
             # exactly the core knn_self rule (drop_self), so duplicates rank the same way.
             merged = merge_topk(results, [0] * self.shards, k + 1)
-            ids = np.arange(self.offsets[s] + a, self.offsets[s] + b, dtype=np.int64)
-            yield self.offsets[s] + a, drop_self(merged, ids, k)
+            ids = self.offsets[s] + orders[s][a:b]
+            yield ids, drop_self(merged, ids, k)
 
     def knn_self(self, k: int, batch_size: int | None = None) -> KnnResult:
         """The ``k`` nearest other rows of every database row; equals core ``knn_self``."""
         k = check_k(k, self.n)  # before allocating (N, k)
         out_d = np.empty((self.n, k), dtype=np.float64)
         out_i = np.empty((self.n, k), dtype=np.int64)
-        for start, res in self._self_batches(k, batch_size):
-            out_d[start : start + len(res.distances)] = res.distances
-            out_i[start : start + len(res.indices)] = res.indices
+        for ids, res in self._self_batches(k, batch_size):
+            out_d[ids], out_i[ids] = res.distances, res.indices
         return KnnResult(out_d, out_i)
 
     def kth_distances(self, k: int, batch_size: int | None = None) -> np.ndarray:
         """r_k: each row's distance to its k-th nearest other row (N floats, not (N, k))."""
         k = check_k(k, self.n)
         r_k = np.empty(self.n, dtype=np.float64)
-        for start, res in self._self_batches(k, batch_size):
-            r_k[start : start + len(res.distances)] = res.distances[:, k - 1]
+        for ids, res in self._self_batches(k, batch_size):
+            r_k[ids] = res.distances[:, k - 1]
         return r_k
 
     # --- metrics ----------------------------------------------------------------------------
