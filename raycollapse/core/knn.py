@@ -1,11 +1,13 @@
-"""Exact k-nearest-neighbour search on FAISS flat (brute-force) indexes, Euclidean distance.
+"""Exact k-nearest-neighbour search with FAISS, Euclidean distance.
 
-On the CPU, large searches skip the rows a k-means partition and the triangle inequality rule
-out (:mod:`raycollapse.core.knn_partitioned`; same result). FAISS finds the candidate neighbours; the distances returned here are then recomputed exactly
-(see :func:`pair_distances`) so that exact duplicates come out as 0.0 and results are
-reproducible to the last bit. Memory stays bounded: queries go to FAISS in batches of
-``batch_size`` rows and no N x N matrix is ever built; besides the index (N x d float32) a
-search holds ~ batch_size x (k + 9) results and one batch_size x d float64 difference array.
+FAISS finds the candidate neighbours (flat, brute-force search; on the CPU, large searches skip
+the rows that a k-means partition and the triangle inequality rule out, see
+:mod:`raycollapse.core.knn_partitioned`, with the same result). The distances returned are then
+recomputed exactly (see :func:`pair_distances`) so that exact duplicates come out as 0.0 and
+results are reproducible to the last bit. Memory stays bounded: queries go to FAISS in batches
+of ``batch_size`` rows and no N x N matrix is ever built; besides the index (N x d float32, and
+a sorted copy when partitioned) a search holds ~ batch_size x (k + 9) results and at most 4M
+float64 differences for the exact recompute.
 
 The sharded Ray index holds one :class:`ExactIndex` per shard, queries every shard, combines the
 per-shard results with :func:`merge_topk` and, for a within-set search, removes each point

@@ -5,14 +5,17 @@ images are) most of that work is provably useless, and this module skips it with
 exactness:
 
 1. The database is split into C lists by FAISS k-means (seeded, trained on a sample), each row
-   in the list of its nearest centroid c_b; list b's radius is ``r_b = max_{p in b} ||p - c_b||``.
-2. Triangle inequality: for a query q and any row p of list b, ``||q - p|| >= ||q - c_b|| - r_b``.
+   in the list of its nearest centroid c_b, each list sorted by its rows' exact distance
+   ``rho_p = ||p - c_b||``; list b's radius is ``r_b = max_{p in b} rho_p``.
+2. Triangle inequality: for a query q and any row p of list b, ``||q - p|| >= ||q - c_b|| - rho_p
+   >= ||q - c_b|| - r_b``.
 3. Queries are handled in groups (the queries whose nearest centroid is the same). A group first
-   searches the lists with the smallest such bound until they hold ``n_fetch`` rows; this gives
-   every query an upper bound ``tau_q`` on the distance of its ``n_need``-th nearest row (the
-   ``n_need``-th exact distance among the rows found). Any list whose bound exceeds ``tau_q``
-   for every query of the group cannot contain one of their ``n_need`` nearest rows and is
-   skipped; the surviving lists are searched too and the candidates merged.
+   searches the lists nearest to its centroid until they hold ``n_fetch`` rows; this gives every
+   query an upper bound ``tau_q`` on the distance of its ``n_need``-th nearest row (the
+   ``n_need``-th exact distance among the rows found). A row p of another list b can only be
+   among those ``n_need`` nearest if ``rho_p >= ||q - c_b|| - tau_q``: whole lists drop out,
+   and of the others only a suffix (the rows far enough from their centroid) is searched; the
+   candidates are merged.
 
 Candidates are then re-ranked exactly (:func:`~raycollapse.core.distances.rerank_exact`), as in
 the flat search, so both paths return the same neighbours, distances and tie order. The bounds

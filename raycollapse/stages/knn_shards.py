@@ -3,11 +3,12 @@
 Rows are cut into ``S`` contiguous shards (shard s holds global rows ``offsets[s]`` ..
 ``offsets[s] + sizes[s] - 1``); each :class:`KnnShard` actor holds one exact index of its rows
 (:class:`~raycollapse.core.knn.ExactIndex`: FAISS flat, pruned by a partition on the CPU for
-large shards and query batches, as in the core path). A search sends every query batch to all shards, each returns its own top-k with *global*
-indices, and the driver merges them with :func:`~raycollapse.core.knn.merge_topk`, ordering by
-(exact distance, global index). The result is therefore the same as the in-process core path
-(:func:`~raycollapse.core.knn.knn_search` / :func:`~raycollapse.core.knn.knn_self`): same
-float64 distances bit for bit, same indices, ties included.
+large shards and query batches, as in the core path). A search sends every query batch to all
+shards, each returns its own top-k with *global* indices, and the driver merges them with
+:func:`~raycollapse.core.knn.merge_topk`, ordering by (exact distance, global index). The
+result is therefore the same as the in-process core path (:func:`~raycollapse.core.knn.knn_search`
+/ :func:`~raycollapse.core.knn.knn_self`): same float64 distances bit for bit, same indices,
+ties included.
 
 Data reaches the actors either through the object store (an array on the driver) or, for
 Parquet embedding shards (local folder or a ``s3://``-style URI), each actor reads its own
