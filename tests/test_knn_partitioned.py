@@ -7,6 +7,9 @@ far from the origin (rounding of the bounds), duplicates and queries outside the
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import faiss
 import numpy as np
 import pytest
 
@@ -171,3 +174,15 @@ def test_exact_index_rebuilds_its_partition_after_add() -> None:
 def test_partitioned_on_a_gpu_is_refused() -> None:
     with pytest.raises(UserInputError, match="method='partitioned' runs on the CPU"):
         ExactIndex(4, device="cuda", method="partitioned")
+
+
+def test_concurrent_searches_restore_faiss_distance_setting() -> None:
+    """The BLAS switch is process-global; overlapping searches must leave FAISS as it was."""
+    before = faiss.cvar.distance_compute_blas_threshold
+    x = clustered(2000, 6, seed=11)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda s: knn_self(x, 2, method="partitioned"), range(3)))
+    assert faiss.cvar.distance_compute_blas_threshold == before
+    ref_d, ref_i = brute_knn(x, x, 2, self_search=True)
+    for res in results:
+        check_equal(res, ref_d, ref_i)

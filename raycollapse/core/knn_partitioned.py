@@ -31,6 +31,7 @@ trying; the cost is then the flat search plus the partition overhead (a few per 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -82,20 +83,34 @@ class Partition:
         return np.diff(self.bounds)
 
 
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_saved = 0
+
+
 @contextmanager
 def _blas_distances() -> Iterator[None]:
     """FAISS computes distances by BLAS matrix products for every query block in the body.
 
     Its default switches to BLAS only from 128,000 queries (FAISS 1.15); the group blocks here
     (hundreds of queries against thousands of rows) run about twice as fast through BLAS, and
-    centring plus the exact re-ranking remove the precision the direct path would add.
+    centring plus the exact re-ranking remove the precision the direct path would add. The
+    setting is process-global: it is counted, so overlapping searches on several threads
+    restore FAISS's own value only when the last one ends.
     """
-    previous = faiss.cvar.distance_compute_blas_threshold
-    faiss.cvar.distance_compute_blas_threshold = 1
+    global _blas_users, _blas_saved
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_saved = faiss.cvar.distance_compute_blas_threshold
+            faiss.cvar.distance_compute_blas_threshold = 1
+        _blas_users += 1
     try:
         yield
     finally:
-        faiss.cvar.distance_compute_blas_threshold = previous
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                faiss.cvar.distance_compute_blas_threshold = _blas_saved
 
 
 def default_n_lists(n: int) -> int:
