@@ -14,13 +14,8 @@ from PIL import Image
 
 from raycollapse.core.inputs import images_to_pixels, load_features
 from raycollapse.errors import UserInputError
-from raycollapse.stages.embed import (
-    EmbedShardStage,
-    EmbedStage,
-    ShardTask,
-    embed_pool,
-    features_dict,
-)
+from raycollapse.stages.embed import EmbedShardStage, EmbedStage, embed_pool, features_dict
+from raycollapse.stages.embed_inputs import ShardTask
 
 
 def _png(img: np.ndarray) -> bytes:
