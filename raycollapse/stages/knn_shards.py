@@ -32,17 +32,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 
 from raycollapse.core.entropy import EntropyResult, entropy_from_knn_distances
 from raycollapse.core.inputs import EMBEDDING_COLUMN, _list_column_to_matrix
 from raycollapse.core.knn import ExactIndex, KnnMethod, KnnResult, drop_self, merge_topk
 from raycollapse.core.metrics import generalization_from_distances, memorized_from_distances
-from raycollapse.core.storage import list_files, open_fs, read_parquet
+from raycollapse.core.storage import read_parquet
 from raycollapse.core.validate import as_features, check_k
 from raycollapse.errors import UserInputError
 from raycollapse.stages.base import check_resources
+from raycollapse.stages.knn_shard_inputs import (
+    Piece,
+    check_shards,
+    embedding_parquet_files,
+    parquet_row_counts,
+    plan_pieces,
+)
 from raycollapse.stages.runtime import ensure_ray
 
 __all__ = [
@@ -56,27 +62,6 @@ __all__ = [
 # Query batches submitted ahead of the one being merged: keeps every actor busy while the
 # driver merges, and bounds the object-store memory used by in-flight batches.
 _WINDOW = 4
-
-
-def check_shards(shards: Any, n: int) -> int:
-    """``shards`` as an int in 1..n, else UserInputError: every shard needs at least one row."""
-    if isinstance(shards, bool) or not isinstance(shards, numbers.Integral) or shards < 1:
-        raise UserInputError(f"shards must be an integer >= 1, got {shards!r}; pass --shards S")
-    if shards > n:
-        raise UserInputError(
-            f"--shards {shards} is larger than the number of rows N={n}; every shard needs at "
-            f"least one row, pass --shards <= {n} (1 runs in-process without Ray)"
-        )
-    return int(shards)
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """Rows ``start`` .. ``stop - 1`` of one Parquet file."""
-
-    path: str
-    start: int
-    stop: int
 
 
 @dataclass
@@ -119,7 +104,7 @@ class KnnShard:
         self.index.add(x)
         return self.index.ntotal, self.index.d
 
-    def load_parquet(self, pieces: Sequence[_Piece], column: str) -> tuple[int, int]:
+    def load_parquet(self, pieces: Sequence[Piece], column: str) -> tuple[int, int]:
         """Read this shard's rows from Parquet files itself; returns (rows, d)."""
         parts = []
         for p in pieces:
@@ -179,57 +164,6 @@ def _pipelined(items: Iterable[Any], submit: Callable[[Any], list]) -> Iterator[
     while pending:
         done, refs = pending.popleft()
         yield done, _get(refs)
-
-
-def embedding_parquet_files(path: str | Path, column: str = EMBEDDING_COLUMN) -> list[str] | None:
-    """The Parquet files of INPUT, in :func:`load_features`' row order, when INPUT is a Parquet
-    file or folder (local or URI) whose first file has ``column``; else None."""
-    text = str(path)
-    if "://" in text:
-        files = list_files(text)
-    else:
-        p = Path(text)
-        if p.is_file() and p.suffix == ".parquet":
-            files = [text]
-        elif p.is_dir():
-            # Same order as load_features (sorted Paths), so global row i is its row i.
-            files = [str(f) for f in sorted(p.rglob("*.parquet"))]
-        else:
-            return None
-    if not files:
-        return None
-    fs, inner = open_fs(files[0])
-    return files if column in pq.read_schema(inner, filesystem=fs).names else None
-
-
-def parquet_row_counts(files: Sequence[str], column: str) -> list[int]:
-    """Rows per file from the Parquet footers (no data read); checks ``column`` is present."""
-    counts = []
-    for f in files:
-        fs, inner = open_fs(f)
-        meta = pq.read_metadata(inner, filesystem=fs)
-        if column not in meta.schema.to_arrow_schema().names:
-            raise UserInputError(
-                f"Parquet shard '{f}' has no '{column}' column; every shard needs it"
-            )
-        counts.append(meta.num_rows)
-    return counts
-
-
-def _plan_pieces(
-    files: Sequence[str], counts: Sequence[int], bounds: np.ndarray
-) -> list[list[_Piece]]:
-    """For each shard [bounds[s], bounds[s+1]): the file row ranges that make it up, in order."""
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    plan = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        pieces = [
-            _Piece(f, int(max(a, fs) - fs), int(min(b, fe) - fs))
-            for f, fs, fe in zip(files, starts[:-1], starts[1:], strict=True)
-            if fs < b and fe > a
-        ]
-        plan.append(pieces)
-    return plan
 
 
 class ShardedIndex:
@@ -329,7 +263,7 @@ class ShardedIndex:
                 parts = [ray.put(x[bounds[s] : bounds[s + 1]]) for s in range(shards)]
                 loads = [a.load_array.remote(p) for a, p in zip(actors, parts, strict=True)]
             else:
-                plan = _plan_pieces(files, counts, bounds)
+                plan = plan_pieces(files, counts, bounds)
                 loads = [
                     a.load_parquet.remote(p, column) for a, p in zip(actors, plan, strict=True)
                 ]
