@@ -161,7 +161,7 @@ class ExactIndex:
 
     ``method``: ``'flat'`` compares every query with every row; ``'partitioned'`` skips the
     rows the triangle inequality rules out (:mod:`raycollapse.core.knn_partitioned`, CPU only:
-    the same result, many times faster on clustered data, a few per cent slower on data without
+    the same result, many times faster on clustered data, up to ~10% slower on data without
     clusters); ``'auto'`` partitions on the CPU for searches of at least 20,000 rows with at
     least 8 queries per partition list (about sqrt(N) lists). The partition is built at the
     first such search and kept until the next ``add``.

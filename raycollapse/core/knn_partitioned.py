@@ -25,7 +25,7 @@ is only skipped when it certainly holds no candidate.
 Without cluster structure (isotropic Gaussians in high dimension) almost no list can be
 skipped. A group whose surviving lists hold more than ``flat_fraction`` of the database is
 searched flat instead, and once most groups went that way the remaining ones go flat without
-trying; the cost is then the flat search plus the partition overhead (a few per cent).
+trying; the cost is then the flat search plus the partition overhead (up to ~10%).
 """
 
 from __future__ import annotations
