@@ -207,7 +207,13 @@ def test_killed_actors_mid_stage_every_id_once(ckpt, tmp_path, ray_local, no_res
     thread = threading.Thread(target=run)
     thread.start()
     deadline = time.time() + 240
-    while not (out.is_dir() and any(f.startswith("part-") for f in os.listdir(out))):
+
+    def first_shard_on_disk() -> bool:
+        return out.is_dir() and any(f.startswith("part-") for f in os.listdir(out))
+
+    # Kill once a shard is on disk AND both actors run: on a loaded machine the second actor can
+    # still be starting when the first one has written its shard.
+    while not (first_shard_on_disk() and len(set(_pool_actors()) - before) == 2):
         assert time.time() < deadline and thread.is_alive(), result
         time.sleep(0.02)
     done_at_kill = len([f for f in os.listdir(out) if f.startswith("part-")])
