@@ -30,6 +30,7 @@ from typing import Any
 import faiss
 import numpy as np
 import ray
+from bench_core import clustered  # the same embedding-like data as the core benchmark
 from readme_section import update_readme
 
 from raycollapse.core.entropy import kl_entropy
@@ -37,18 +38,6 @@ from raycollapse.stages.knn_shards import ShardedIndex
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Sharded kNN"
-
-
-def clustered(n: int, d: int, seed: int, n_clusters: int = 200, sub: int = 16) -> np.ndarray:
-    """Embedding-like data: 200 Gaussians in a random 16-dim subspace plus isotropic noise
-    (the same generator as bench_core.py)."""
-    rng = np.random.default_rng(seed)
-    basis = np.linalg.qr(rng.standard_normal((d, sub)))[0]
-    means = 4.0 * rng.standard_normal((n_clusters, sub))
-    scales = rng.uniform(0.5, 1.5, n_clusters)
-    lab = rng.integers(0, n_clusters, n)
-    z = means[lab] + rng.standard_normal((n, sub)) * scales[lab, None]
-    return (z @ basis.T + 0.05 * rng.standard_normal((n, d))).astype(np.float32)
 
 
 def _cpus_per_shard(cpus: int, shards: int) -> float:
