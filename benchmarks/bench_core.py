@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from scipy.special import digamma
 
-from raycollapse.core.entropy import kl_entropy, log_unit_ball_volume
-from raycollapse.core.knn import knn_self
-from raycollapse.core.selection import default_tau0, greedy_select, threshold_select
+from raycollapse.curation.entropy import kl_entropy, log_unit_ball_volume
+from raycollapse.curation.select import default_tau0, greedy_select, threshold_select
+from raycollapse.neighbors.knn import knn_self
 
 # ---------------------------------------------------------------------------------------- data
 

@@ -5,7 +5,7 @@
 2. Sampling seconds per image for DDIM-50 and DDPM-1000 (network batches of ``group_size`` 64).
    ``tiny``: both measured. ``unet32``: DDIM-50 measured, DDPM-1000 = 20 x that (the cost is the
    network forward per step; the scheduler step is < 1 %, see the tiny rows).
-3. Fréchet distance in pixel space (``core.pixels.pixel_features``, ``core.metrics.frechet_distance``)
+3. Fréchet distance in pixel space (pixel features, ``metrics.scores.frechet_distance``)
    between ``--fd-n`` samples of ONE trained tiny model and all 1,797 real digits, for DDIM with
    10/25/50/100 steps (eta 0, 0.5, 1) and DDPM-1000; the floor is FD(``--fd-n`` random real
    digits, all digits).
@@ -32,13 +32,19 @@ import numpy as np
 import torch
 
 from raycollapse.config import load_config
-from raycollapse.core.checkpoint import load_checkpoint
-from raycollapse.core.datasets import load_records
-from raycollapse.core.diffusion import images_to_tensor, make_scheduler, sample_images
-from raycollapse.core.metrics import frechet_distance
-from raycollapse.core.pixels import pixel_features
-from raycollapse.core.training import EMA, make_lr_schedule, make_optimizer, train_loop, train_step
-from raycollapse.core.unet import build_unet, count_parameters
+from raycollapse.data.inputs import images_to_pixels as pixel_features
+from raycollapse.data.records import load_records
+from raycollapse.diffusion.checkpoint import load_checkpoint
+from raycollapse.diffusion.sampling import images_to_tensor, make_scheduler, sample_images
+from raycollapse.diffusion.trainer import (
+    EMA,
+    make_lr_schedule,
+    make_optimizer,
+    train_loop,
+    train_step,
+)
+from raycollapse.diffusion.unet import build_unet, count_parameters
+from raycollapse.metrics.scores import frechet_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 

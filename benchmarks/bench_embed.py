@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from readme_section import update_readme
 
-from raycollapse.core.extractors import build_extractor
+from raycollapse.features.extractors import build_extractor
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Embedding"

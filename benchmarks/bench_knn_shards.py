@@ -2,7 +2,7 @@
 
 For N points in R^d (default N = 100,000, d = 64, clustered) it times
 
-- ``core``: :func:`raycollapse.core.entropy.kl_entropy` in this process (exact index built,
+- ``core``: :func:`raycollapse.curation.entropy.kl_entropy` in this process (exact index built,
   partition-pruned within-set k-NN, entropy);
 - ``S shards`` (S = 1, 2, 4): :meth:`ShardedIndex.build` (actors started, rows sent through the
   object store, one exact index per actor, each pruned by its own partition) plus
@@ -33,7 +33,7 @@ import ray
 from bench_core import clustered  # the same embedding-like data as the core benchmark
 from readme_section import update_readme
 
-from raycollapse.core.entropy import kl_entropy
+from raycollapse.curation.entropy import kl_entropy
 from raycollapse.stages.knn_shards import ShardedIndex
 
 HERE = Path(__file__).resolve().parent

@@ -37,9 +37,9 @@ SECTION = "## Generation and training stages"
 
 def make_checkpoint(folder: Path) -> str:
     """A tiny unconditional UNet for 8 x 8 grayscale images, random weights."""
-    from raycollapse.core.checkpoint import save_checkpoint
-    from raycollapse.core.diffusion import make_scheduler
-    from raycollapse.core.unet import build_unet
+    from raycollapse.diffusion.checkpoint import save_checkpoint
+    from raycollapse.diffusion.sampling import make_scheduler
+    from raycollapse.diffusion.unet import build_unet
 
     unet = build_unet("tiny", resolution=8, channels=1, seed=0)
     meta = {
@@ -73,7 +73,7 @@ def bench_generate(tmp: Path, actors: list[int], n: int, steps: int, shard_size:
 
 def bench_train(tmp: Path, workers: list[int], steps: int, batch_size: int) -> list[dict]:
     from raycollapse.config import load_config
-    from raycollapse.core.datasets import load_records
+    from raycollapse.data.records import load_records
     from raycollapse.stages.train import train_distributed
 
     runs = []

@@ -7,9 +7,9 @@ import pytest
 
 from raycollapse.cli.main import main
 from raycollapse.config import load_config
-from raycollapse.core.checkpoint import model_meta, save_checkpoint
-from raycollapse.core.diffusion import scheduler_from_config
-from raycollapse.core.unet import build_unet
+from raycollapse.diffusion.checkpoint import model_meta, save_checkpoint
+from raycollapse.diffusion.sampling import scheduler_from_config
+from raycollapse.diffusion.unet import build_unet
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,15 @@ import pytest
 from PIL import Image
 
 from raycollapse.config import load_config
-from raycollapse.core.datasets import (
+from raycollapse.data.records import (
     Records,
     decode_prepared,
     encode_png,
     load_records,
-    prepare_batch,
     prepare_image,
 )
-from raycollapse.core.pixels import image_grid, pixel_features
 from raycollapse.errors import UserInputError
+from raycollapse.io.grids import image_grid
 
 
 def data_cfg(**over):
@@ -120,9 +119,7 @@ def test_folder_skip_corrupt_and_small(tmp_path):
         "truncated.png",
         "tiny.png",
     }
-    assert (
-        rec.images.shape == (5, 8, 8, 3) and (rec.labels == -1).all() and rec.label_array() is None
-    )
+    assert rec.images.shape == (5, 8, 8, 3) and (rec.labels == -1).all() and not rec.has_labels
     gray = rec.images[
         list(rec.ids).index(5)
     ]  # sorted: broken, rgb0..rgb3, sub/gray, tiny, truncated
@@ -203,25 +200,8 @@ def test_prepare_image_crops_the_centre():
     assert decode_prepared(encode_png(out), resolution=5, channels=1).shape == (5, 5, 1)
 
 
-def test_pixel_features_and_grid():
+def test_image_grid_tiles_with_padding():
     imgs = np.full((3, 2, 2, 1), 255, dtype=np.uint8)
-    feats = pixel_features(imgs)
-    assert feats.shape == (3, 4) and feats.dtype == np.float32 and feats.max() == 1.0
-    with pytest.raises(UserInputError):
-        pixel_features(imgs.astype(np.float32))
-    assert image_grid(imgs).shape == (7, 7)  # 2 x 2 tiles of 2 px + 1 px padding
-
-
-def test_prepare_batch_for_ray_data(tmp_path):
-    folder = _image_folder(tmp_path)
-    paths = sorted(str(p) for p in folder.rglob("*.png"))
-    batch = {
-        "bytes": np.array([open(p, "rb").read() for p in paths], dtype=object),
-        "path": np.array(paths),
-    }
-    out = prepare_batch(batch, resolution=8, channels=1, on_corrupt="skip", on_small="skip")
-    assert out["image"].shape == (5, 8, 8, 1) and len(out["path"]) == 5 and "bytes" not in out
-    with pytest.raises(UserInputError, match="broken.png"):
-        prepare_batch(batch, resolution=8, channels=1, on_small="skip")
-    with pytest.raises(UserInputError, match="tiny.png"):
-        prepare_batch(batch, resolution=8, channels=1, on_corrupt="skip")
+    grid = image_grid(imgs)
+    assert grid.shape == (7, 7)  # 2 x 2 tiles of 2 px + 1 px padding
+    assert (grid[1:3, 1:3] == 255).all() and (grid[4:6, 4:6] == 128).all()  # 4th tile empty

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from raycollapse.core.diffusion import (
+from raycollapse.diffusion.sampling import (
     diffusion_loss,
     guided_eps,
     images_to_tensor,
@@ -17,7 +17,7 @@ from raycollapse.core.diffusion import (
     sampling_scheduler,
     tensor_to_images,
 )
-from raycollapse.core.unet import build_unet
+from raycollapse.diffusion.unet import build_unet
 from raycollapse.errors import UserInputError
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores oversubscribe: up to 40x slower

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raycollapse.core.inputs import images_to_pixels, load_features
+from raycollapse.data.inputs import images_to_pixels, load_features
 from raycollapse.errors import UserInputError
 from raycollapse.stages.embed import EmbedShardStage, EmbedStage, embed_pool, features_dict
 from raycollapse.stages.embed_inputs import ShardTask

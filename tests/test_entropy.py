@@ -1,4 +1,4 @@
-"""KL entropy (raycollapse.core.entropy) against closed forms and a direct computation."""
+"""KL entropy (raycollapse.curation.entropy) against closed forms and a direct computation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import digamma
 
-from raycollapse.core.entropy import EntropyResult, entropy_from_knn_distances, kl_entropy
+from raycollapse.curation.entropy import EntropyResult, entropy_from_knn_distances, kl_entropy
 from raycollapse.errors import UserInputError
 
 

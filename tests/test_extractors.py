@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from raycollapse.core.extractor_weights import (
+from raycollapse.data.inputs import images_to_pixels
+from raycollapse.errors import UserInputError
+from raycollapse.features.extractors import build_extractor, to_rgb255
+from raycollapse.features.weights import (
     CLEANFID_FILE,
     check_weights_available,
     detect_format,
     load_state_dict_file,
 )
-from raycollapse.core.extractors import build_extractor, to_rgb255
-from raycollapse.core.inputs import images_to_pixels
-from raycollapse.errors import UserInputError
 
 DIMS = {"clip": 512, "dinov2": 384, "inception": 2048}
 INPUT_SIZES = {"clip": 224, "dinov2": 224, "inception": 299}

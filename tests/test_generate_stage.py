@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raycollapse.core.checkpoint import load_checkpoint, save_checkpoint
-from raycollapse.core.diffusion import make_scheduler, resolve_labels, sample_images
-from raycollapse.core.unet import build_unet
+from raycollapse.diffusion.checkpoint import load_checkpoint, save_checkpoint
+from raycollapse.diffusion.sampling import make_scheduler, resolve_labels, sample_images
+from raycollapse.diffusion.unet import build_unet
 from raycollapse.errors import UserInputError
 from raycollapse.stages.generate import GenerateStage, generate_pool, sample_settings, shard_specs
 

@@ -1,4 +1,4 @@
-"""Exact kNN (raycollapse.core.knn) against brute-force float64 numpy."""
+"""Exact kNN (raycollapse.neighbors.knn) against brute-force float64 numpy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import faiss
 import numpy as np
 import pytest
 
-from raycollapse.core.knn import (
+from raycollapse.errors import UserInputError
+from raycollapse.neighbors.knn import (
     ExactIndex,
     KnnResult,
     drop_self,
@@ -15,8 +16,7 @@ from raycollapse.core.knn import (
     knn_self,
     merge_topk,
 )
-from raycollapse.core.validate import as_features, check_k
-from raycollapse.errors import UserInputError
+from raycollapse.neighbors.validate import as_features, check_k
 
 
 @pytest.fixture(autouse=True, params=["faiss-default", "faiss-blas"])

@@ -1,4 +1,4 @@
-"""Partition-pruned exact kNN (raycollapse.core.knn_partitioned) against brute-force numpy.
+"""Partition-pruned exact kNN (raycollapse.neighbors.partitioned) against brute-force numpy.
 
 The pruning must never change a result: every test compares with a float64 brute force written
 here, on clustered data (where lists are skipped), isotropic data (where they are not), data
@@ -13,13 +13,13 @@ import faiss
 import numpy as np
 import pytest
 
-from raycollapse.core.knn import ExactIndex, knn_search, knn_self
-from raycollapse.core.knn_partitioned import (
+from raycollapse.errors import UserInputError
+from raycollapse.neighbors.knn import ExactIndex, knn_search, knn_self
+from raycollapse.neighbors.partitioned import (
     build_partition,
     default_n_lists,
     partitioned_candidates,
 )
-from raycollapse.errors import UserInputError
 
 
 def brute_knn(queries: np.ndarray, db: np.ndarray, k: int, *, self_search: bool = False):

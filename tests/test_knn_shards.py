@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from raycollapse.cli.main import main
-from raycollapse.core.entropy import kl_entropy
-from raycollapse.core.knn import knn_search, knn_self
-from raycollapse.core.metrics import generalization_score, memorized_fraction
+from raycollapse.curation.entropy import kl_entropy
 from raycollapse.errors import UserInputError
+from raycollapse.metrics.scores import generalization_score, memorized_fraction
+from raycollapse.neighbors.knn import knn_search, knn_self
 from raycollapse.stages.knn_shards import ShardedIndex
 
 N, D = 2003, 8  # 2003 is prime: no shard count divides it

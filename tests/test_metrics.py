@@ -1,4 +1,4 @@
-"""Metrics (raycollapse.core.metrics) against brute force, scipy and closed forms."""
+"""Metrics (raycollapse.metrics.scores) against brute force, scipy and closed forms."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from raycollapse.core import metrics
-from raycollapse.core.metrics import (
+from raycollapse.errors import UserInputError
+from raycollapse.metrics import scores as metrics
+from raycollapse.metrics.scores import (
     feature_stats,
     frechet_distance,
     frechet_from_stats,
@@ -17,7 +18,6 @@ from raycollapse.core.metrics import (
     memorized_from_distances,
     prdc,
 )
-from raycollapse.errors import UserInputError
 
 
 def dist_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from raycollapse.core.paradigms import fresh_count, lineage, pick_fresh_real, plan_next
+from raycollapse.curation.paradigms import fresh_count, lineage, pick_fresh_real, plan_next
 from raycollapse.errors import UserInputError
 
 REAL = [("real", i) for i in range(4)]

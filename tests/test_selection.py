@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raycollapse.core.selection import (
+from raycollapse.curation.select import (
     default_tau0,
     greedy_select,
     random_select,

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from raycollapse.config import load_config
-from raycollapse.core.checkpoint import load_checkpoint, save_checkpoint
-from raycollapse.core.datasets import Records, load_records
-from raycollapse.core.diffusion import make_scheduler
-from raycollapse.core.unet import build_unet
+from raycollapse.data.records import Records, load_records
+from raycollapse.diffusion.checkpoint import load_checkpoint, save_checkpoint
+from raycollapse.diffusion.sampling import make_scheduler
+from raycollapse.diffusion.unet import build_unet
 from raycollapse.errors import UserInputError
 from raycollapse.stages.train import RUN_FILE, train_distributed
 from raycollapse.stages.train_data import batch_to_arrays, rank_seed, read_shard

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from raycollapse.core.checkpoint import load_checkpoint, model_meta, read_meta, save_checkpoint
-from raycollapse.core.diffusion import make_scheduler, sample_images
-from raycollapse.core.training import (
+from raycollapse.diffusion.checkpoint import load_checkpoint, model_meta, read_meta, save_checkpoint
+from raycollapse.diffusion.sampling import make_scheduler, sample_images
+from raycollapse.diffusion.trainer import (
     EMA,
     IndexStream,
     autocast_dtype,
@@ -18,7 +18,7 @@ from raycollapse.core.training import (
     resolve_device,
     train_loop,
 )
-from raycollapse.core.unet import build_unet
+from raycollapse.diffusion.unet import build_unet
 from raycollapse.errors import UserInputError
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores oversubscribe: up to 40x slower

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from raycollapse.core.unet import (
+from raycollapse.diffusion.unet import (
     PRESETS,
     build_unet,
     count_parameters,

@@ -7,8 +7,8 @@ import time
 
 from raycollapse.cli.common import config_from_args, print_result
 from raycollapse.cli.main import add_config_args
-from raycollapse.core.entropy import kl_entropy
-from raycollapse.core.inputs import load_features
+from raycollapse.curation.entropy import kl_entropy
+from raycollapse.data.inputs import load_features
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

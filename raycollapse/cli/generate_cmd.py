@@ -6,7 +6,7 @@ else a new folder of Parquet shards ``part-<first id>.parquet`` with the records
 multiple of ``sample.group_size``).
 
 Sample ``i`` depends only on the checkpoint, ``--seed``, ``i`` and the sampler settings (see
-``raycollapse.core.diffusion``): ``--batch-size`` changes memory use and shard size, not the
+``raycollapse.diffusion.sampling``): ``--batch-size`` changes memory use and shard size, not the
 samples. Flags are shorthands for ``sample.*`` config keys.
 
 With ``--actors A`` (and ``--gpus-per-actor G``) the samples are made by the Ray Data generation
@@ -83,8 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _writer(out: str):
     """``(kind, write(ids, images, labels, source), finish(all_images))`` for an OUT path."""
-    from raycollapse.core.atomic import atomic_path
-    from raycollapse.core.pixels import save_grid
+    from raycollapse.io.atomic import atomic_path
+    from raycollapse.io.grids import save_grid
 
     if out.endswith(".npy"):
 
@@ -100,8 +100,8 @@ def _writer(out: str):
                 save_grid(images, str(tmp))
 
         return "png", None, finish_png
-    from raycollapse.core.datasets import Records
-    from raycollapse.core.storage import write_parquet_atomic
+    from raycollapse.data.records import Records
+    from raycollapse.io.storage import write_parquet_atomic
 
     folder = Path(out)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
@@ -137,9 +137,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if sc.n < 1 or sc.batch_size < 1:
         raise UserInputError(f"--n and --batch-size must be >= 1, got {sc.n} and {sc.batch_size}.")
-    from raycollapse.core.checkpoint import load_checkpoint
-    from raycollapse.core.diffusion import resolve_labels, sample_images, sampling_scheduler
-    from raycollapse.core.training import resolve_device
+    from raycollapse.diffusion.checkpoint import load_checkpoint
+    from raycollapse.diffusion.sampling import resolve_labels, sample_images, sampling_scheduler
+    from raycollapse.diffusion.trainer import resolve_device
 
     device = resolve_device(sc.use_gpu, "sample.use_gpu (--gpu)")
     t0 = time.perf_counter()
@@ -198,8 +198,8 @@ def _run_on_ray(checkpoint: str, cfg) -> int:
     """The Ray Data generation stage: same samples, actor pool, atomic shards."""
     import tempfile
 
-    from raycollapse.core.pixels import save_grid
-    from raycollapse.loop.tables import read_images
+    from raycollapse.io.grids import save_grid
+    from raycollapse.io.parquet import read_images
     from raycollapse.stages.generate import generate_pool
 
     sc, res = cfg.sample, cfg.resources
@@ -213,12 +213,12 @@ def _run_on_ray(checkpoint: str, cfg) -> int:
     if out.endswith((".npy", ".png")):
         with tempfile.TemporaryDirectory(prefix="raycollapse-generate-") as tmp:
             metrics = generate_pool(checkpoint, tmp, sc.n, **kwargs)
-            from raycollapse.core.checkpoint import read_meta
+            from raycollapse.diffusion.checkpoint import read_meta
 
             _, images, _ = read_images(tmp, int(read_meta(checkpoint)["channels"]))
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         if out.endswith(".npy"):
-            from raycollapse.core.atomic import atomic_path
+            from raycollapse.io.atomic import atomic_path
 
             with atomic_path(out) as t:
                 np.save(t, images)

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 
 from raycollapse.cli.common import config_from_args, print_result
 from raycollapse.cli.main import add_config_args
-from raycollapse.core.atomic import atomic_path
-from raycollapse.core.entropy import kl_entropy
-from raycollapse.core.inputs import load_features
-from raycollapse.core.knn import knn_self
-from raycollapse.core.selection import greedy_select, random_select, threshold_select
+from raycollapse.curation.entropy import kl_entropy
+from raycollapse.curation.select import greedy_select, random_select, threshold_select
+from raycollapse.data.inputs import load_features
 from raycollapse.errors import UserInputError
+from raycollapse.io.atomic import atomic_path
+from raycollapse.neighbors.knn import knn_self
 
 OUT_SUFFIXES = (".npy", ".parquet")
 

@@ -3,7 +3,7 @@
 Writes, under ``train.out``:
 
 - ``config.yaml``: the resolved config;
-- ``checkpoint/``: the EMA model (see ``raycollapse.core.checkpoint``);
+- ``checkpoint/``: the EMA model (see ``raycollapse.diffusion.checkpoint``);
 - ``samples.png``: a grid of ``train.sample_grid`` samples from it (the ``sample`` settings);
 - ``train_state.pt`` while training (every ``train.checkpoint_every`` steps); a re-run of the same
   command resumes from it, and it is removed once the checkpoint is written.
@@ -51,12 +51,12 @@ def _log(msg: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, {"train.out": args.out, "train.steps": args.steps})
-    from raycollapse.core.checkpoint import load_checkpoint, model_meta, save_checkpoint
-    from raycollapse.core.datasets import load_records
-    from raycollapse.core.diffusion import resolve_labels, sample_images, scheduler_from_config
-    from raycollapse.core.pixels import save_grid
-    from raycollapse.core.training import resolve_device, train_loop
-    from raycollapse.core.unet import build_unet, count_parameters
+    from raycollapse.data.records import load_records
+    from raycollapse.diffusion.checkpoint import load_checkpoint, model_meta, save_checkpoint
+    from raycollapse.diffusion.sampling import resolve_labels, sample_images, scheduler_from_config
+    from raycollapse.diffusion.trainer import resolve_device, train_loop
+    from raycollapse.diffusion.unet import build_unet, count_parameters
+    from raycollapse.io.grids import save_grid
 
     t0 = time.perf_counter()
     tc, mc, dc = cfg.train, cfg.model, cfg.data
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_on_ray(cfg, t0: float) -> int:
     """Ray Train (DDP over ``train.workers``), resumable from ``train.out/ray``."""
-    from raycollapse.core.datasets import load_records
+    from raycollapse.data.records import load_records
     from raycollapse.stages.train import train_distributed
 
     out = Path(cfg.train.out).absolute()

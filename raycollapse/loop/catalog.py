@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from raycollapse.core import storage
-from raycollapse.core.datasets import encode_png
+from raycollapse.data.records import encode_png
+from raycollapse.io import storage
+from raycollapse.io.parquet import read_embeddings, read_images
 from raycollapse.loop import layout
-from raycollapse.loop.tables import read_embeddings, read_images
 
 Ref = tuple[str, int]
 

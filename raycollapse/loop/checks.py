@@ -6,10 +6,10 @@ import uuid
 
 from omegaconf import DictConfig
 
-from raycollapse.core import storage
-from raycollapse.core.extractor_weights import check_weights_available
-from raycollapse.core.paradigms import fresh_count
+from raycollapse.curation.paradigms import fresh_count
 from raycollapse.errors import UserInputError
+from raycollapse.features.weights import check_weights_available
+from raycollapse.io import storage
 
 FEATURE_NAMES = ("pixel", "clip", "dinov2", "inception")
 

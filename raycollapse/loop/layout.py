@@ -21,7 +21,7 @@ iteration k). Iteration 0 trains on real data.
 
 from __future__ import annotations
 
-from raycollapse.core.storage import join
+from raycollapse.io.storage import join
 
 CONFIG = "config.yaml"
 METRICS_JSON = "metrics.json"

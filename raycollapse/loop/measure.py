@@ -16,20 +16,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raycollapse.core import storage
-from raycollapse.core.datasets import encode_png
-from raycollapse.core.entropy import kl_entropy
-from raycollapse.core.knn import knn_search
-from raycollapse.core.metrics import (
+from raycollapse.curation.entropy import kl_entropy
+from raycollapse.curation.paradigms import lineage
+from raycollapse.data.records import encode_png
+from raycollapse.io import storage
+from raycollapse.io.grids import image_grid
+from raycollapse.loop import layout
+from raycollapse.loop.catalog import Catalog, Ref, origin_of
+from raycollapse.metrics.scores import (
     frechet_distance,
     generalization_from_distances,
     memorized_from_distances,
     prdc,
 )
-from raycollapse.core.paradigms import lineage
-from raycollapse.core.pixels import image_grid
-from raycollapse.loop import layout
-from raycollapse.loop.catalog import Catalog, Ref, origin_of
+from raycollapse.neighbors.knn import knn_search
 
 MEMORIZED_RATIO = 1.0 / 3.0
 NEAREST_PAIRS = 16

@@ -17,8 +17,8 @@ import yaml
 from omegaconf import DictConfig
 
 from raycollapse.config import diff_configs, to_dict, to_yaml
-from raycollapse.core import storage
 from raycollapse.errors import UserInputError
+from raycollapse.io import storage
 from raycollapse.loop import layout
 
 # Keys that may change between invocations of the same run without changing its results.

@@ -3,7 +3,7 @@
 Per iteration t, five stages, each writing its outputs atomically and then a completion marker:
 
 - ``train_set``: iteration 0 takes a seeded subset of B real images; later iterations build the set
-  from the paradigm (``core.paradigms``) and the selection (``core.selection``) in feature space
+  from the paradigm (``curation.paradigms``) and the selection (``curation.select``) in feature space
   ``features.name``;
 - ``train``: Ray Train (``stages.train``), from scratch or fine-tuning the previous model;
 - ``generate``: m x B candidates on Ray Data actors (``stages.generate``), seeded per sample;
@@ -27,12 +27,12 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from raycollapse.config import to_dict
-from raycollapse.core import storage
-from raycollapse.core.datasets import load_records
-from raycollapse.core.extractor_weights import check_weights_available
-from raycollapse.core.paradigms import pick_fresh_real, plan_next
-from raycollapse.core.selection import greedy_select, random_select, threshold_select
+from raycollapse.curation.paradigms import pick_fresh_real, plan_next
+from raycollapse.curation.select import greedy_select, random_select, threshold_select
+from raycollapse.data.records import load_records
 from raycollapse.errors import UserInputError
+from raycollapse.features.weights import check_weights_available
+from raycollapse.io import storage
 from raycollapse.loop import checks, layout
 from raycollapse.loop.catalog import (
     Catalog,
@@ -49,6 +49,7 @@ from raycollapse.loop.measure import (
     write_samples_png,
 )
 from raycollapse.loop.rundir import RunDir, config_digest
+from raycollapse.seeds import derive_seed
 
 STAGES = ("train_set", "train", "generate", "embed", "metrics")
 _PURPOSE = {"subset": 1, "select": 2, "train": 3, "generate": 4}
@@ -56,7 +57,7 @@ _PURPOSE = {"subset": 1, "select": 2, "train": 3, "generate": 4}
 
 def derived_seed(seed: int, iteration: int, purpose: str) -> int:
     """A seed for one random choice of one iteration, from the run seed alone."""
-    return int(np.random.SeedSequence([seed, iteration, _PURPOSE[purpose]]).generate_state(1)[0])
+    return derive_seed(seed, iteration, _PURPOSE[purpose])
 
 
 def _log(msg: str) -> None:

@@ -13,9 +13,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from raycollapse.core import storage
-from raycollapse.core.atomic import atomic_path
 from raycollapse.errors import UserInputError
+from raycollapse.io import storage
+from raycollapse.io.atomic import atomic_path
 
 INDEX = "index.html"
 

@@ -5,7 +5,7 @@ becomes a note on the run instead of an exception: a report of a run in progress
 render. Only a path that is not a run folder at all is an error (``validate_run``).
 
 File names come from ``raycollapse.loop.layout``; paths may be local or URIs
-(``raycollapse.core.storage``).
+(``raycollapse.io.storage``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import yaml
 
-from raycollapse.core import storage
 from raycollapse.errors import UserInputError
+from raycollapse.io import storage
 from raycollapse.loop import layout
 
 # Reading a broken file must not stop the report: these are what pyarrow, json and yaml raise.

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raycollapse.core import storage
 from raycollapse.errors import UserInputError
+from raycollapse.io import storage
 
 Batch = dict[str, np.ndarray]
 

@@ -1,6 +1,6 @@
 """Embedding stage: image pools -> Parquet shards of embeddings, on a Ray Data actor pool.
 
-Two levels, both built on ``core.extractors`` (which holds all the model code):
+Two levels, both built on ``features.extractors`` (which holds all the model code):
 
 - ``EmbedStage``: the batch-level stage, ``{"id", "image"} -> {"id", "embedding"}``; the model
   is built once per worker in ``setup``. Usable in any Ray Data pipeline and callable without Ray.
@@ -37,11 +37,11 @@ import pyarrow.parquet as pq
 import ray
 
 from raycollapse.config import FeaturesConfig, plain_section
-from raycollapse.core import storage
-from raycollapse.core.extractor_weights import ResolvedWeights, check_weights_available
-from raycollapse.core.extractors import Extractor, extractor_from_config
-from raycollapse.core.images import decode_image
 from raycollapse.errors import UserInputError
+from raycollapse.features.extractors import Extractor, extractor_from_config
+from raycollapse.features.weights import ResolvedWeights, check_weights_available
+from raycollapse.io import storage
+from raycollapse.io.images import decode_image
 from raycollapse.stages.base import (
     Batch,
     Stage,

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raycollapse.core import storage
-from raycollapse.core.images import decode_image, list_image_files
 from raycollapse.errors import UserInputError
+from raycollapse.io import storage
+from raycollapse.io.images import decode_image, list_image_files
 from raycollapse.stages.base import Batch
 
 SHARD_ROWS = 4096  # rows per shard when INPUT is a .npy or an image folder

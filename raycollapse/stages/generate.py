@@ -2,7 +2,7 @@
 
 - ``GenerateStage``: the shard-level stage. ``setup`` loads the checkpoint once per actor (CUDA
   when Ray gave the actor a GPU, else CPU); ``process_batch`` takes shard specs
-  ``{shard, id_start, id_end}``, samples those ids with ``core.diffusion.sample_images`` and writes
+  ``{shard, id_start, id_end}``, samples those ids with ``diffusion.sampling.sample_images`` and writes
   ``part-{shard:05d}.parquet`` atomically, returning ``{shard, rows, seconds, node_id, error}``.
   Callable without Ray (tests do).
 - ``generate_pool``: the driver. Checks the checkpoint and the resources before any Ray work, maps
@@ -15,7 +15,7 @@ unconditional model), ``iteration`` (int64), ``seed`` (int64). The Parquet schem
 recognises a complete shard and refuses to mix two pools in one folder.
 
 Why the pool does not depend on the number of actors: sample ``i`` depends only on (checkpoint,
-seed, ``i``, sampler settings, ``group_size``) (see ``core.diffusion``), and shard boundaries are
+seed, ``i``, sampler settings, ``group_size``) (see ``diffusion.sampling``), and shard boundaries are
 multiples of ``group_size``, so every network batch is the same aligned group of ids whichever
 actor computes it (bit-identical on one kind of device; CPU and GPU kernels round differently).
 
@@ -40,8 +40,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from raycollapse.core import storage
 from raycollapse.errors import UserInputError
+from raycollapse.io import storage
 from raycollapse.stages.base import (
     Batch,
     Stage,
@@ -134,7 +134,7 @@ class GenerateStage(Stage):
     def setup(self) -> None:
         self._setup_error: str | None = None
         try:
-            from raycollapse.core.checkpoint import load_checkpoint
+            from raycollapse.diffusion.checkpoint import load_checkpoint
 
             self.device = worker_device(
                 self.num_gpus, "generate", "resources.generate_gpus_per_actor"
@@ -146,7 +146,7 @@ class GenerateStage(Stage):
 
     def labels_for(self, ids: np.ndarray) -> np.ndarray | None:
         """Each id's class (``None`` for an unconditional model): a function of the id only."""
-        from raycollapse.core.diffusion import resolve_labels
+        from raycollapse.diffusion.sampling import resolve_labels
 
         meta = self.ckpt.meta
         return resolve_labels(
@@ -159,7 +159,7 @@ class GenerateStage(Stage):
 
     def sample_ids(self, ids: np.ndarray) -> np.ndarray:
         """uint8 ``N x H x W x C`` samples for these ids (the core sampler, aligned groups)."""
-        from raycollapse.core.diffusion import sample_images
+        from raycollapse.diffusion.sampling import sample_images
 
         s = self.sample
         return sample_images(
@@ -170,7 +170,7 @@ class GenerateStage(Stage):
 
     def shard_table(self, id_start: int, id_end: int) -> pa.Table:
         """The rows of ids ``id_start … id_end−1`` as an Arrow table with the signature metadata."""
-        from raycollapse.core.datasets import encode_png
+        from raycollapse.data.records import encode_png
 
         ids = np.arange(id_start, id_end, dtype=np.int64)
         images = self.sample_ids(ids)
@@ -225,8 +225,8 @@ def check_checkpoint(checkpoint: str | Path, sample: dict[str, Any]) -> dict[str
     """
     from diffusers import DDPMScheduler
 
-    from raycollapse.core.checkpoint import read_meta
-    from raycollapse.core.diffusion import resolve_labels, sampling_scheduler
+    from raycollapse.diffusion.checkpoint import read_meta
+    from raycollapse.diffusion.sampling import resolve_labels, sampling_scheduler
 
     root = Path(checkpoint)
     meta = read_meta(root)

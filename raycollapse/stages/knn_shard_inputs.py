@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from raycollapse.core.inputs import EMBEDDING_COLUMN
-from raycollapse.core.storage import list_files, open_fs
+from raycollapse.data.inputs import EMBEDDING_COLUMN
 from raycollapse.errors import UserInputError
+from raycollapse.io.storage import list_files, open_fs
 
 __all__ = ["Piece", "check_shards", "embedding_parquet_files", "parquet_row_counts", "plan_pieces"]
 

@@ -2,12 +2,12 @@
 
 Rows are cut into ``S`` contiguous shards (shard s holds global rows ``offsets[s]`` ..
 ``offsets[s] + sizes[s] - 1``); each :class:`KnnShard` actor holds one exact index of its rows
-(:class:`~raycollapse.core.knn.ExactIndex`: FAISS flat, pruned by a partition on the CPU for
+(:class:`~raycollapse.neighbors.knn.ExactIndex`: FAISS flat, pruned by a partition on the CPU for
 large shards and query batches, as in the core path). A search sends every query batch to all
 shards, each returns its own top-k with *global* indices, and the driver merges them with
-:func:`~raycollapse.core.knn.merge_topk`, ordering by (exact distance, global index). The
-result is therefore the same as the in-process core path (:func:`~raycollapse.core.knn.knn_search`
-/ :func:`~raycollapse.core.knn.knn_self`): same float64 distances bit for bit, same indices,
+:func:`~raycollapse.neighbors.knn.merge_topk`, ordering by (exact distance, global index). The
+result is therefore the same as the in-process core path (:func:`~raycollapse.neighbors.knn.knn_search`
+/ :func:`~raycollapse.neighbors.knn.knn_self`): same float64 distances bit for bit, same indices,
 ties included.
 
 Data reaches the actors either through the object store (an array on the driver) or, for
@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import ray
 
-from raycollapse.core.entropy import EntropyResult, entropy_from_knn_distances
-from raycollapse.core.inputs import EMBEDDING_COLUMN, _list_column_to_matrix
-from raycollapse.core.knn import ExactIndex, KnnMethod, KnnResult, drop_self, merge_topk
-from raycollapse.core.metrics import generalization_from_distances, memorized_from_distances
-from raycollapse.core.storage import read_parquet
-from raycollapse.core.validate import as_features, check_k
+from raycollapse.curation.entropy import EntropyResult, entropy_from_knn_distances
+from raycollapse.data.inputs import EMBEDDING_COLUMN, _list_column_to_matrix
 from raycollapse.errors import UserInputError
+from raycollapse.io.storage import read_parquet
+from raycollapse.metrics.scores import generalization_from_distances, memorized_from_distances
+from raycollapse.neighbors.knn import ExactIndex, KnnMethod, KnnResult, drop_self, merge_topk
+from raycollapse.neighbors.validate import as_features, check_k
 from raycollapse.stages.base import check_resources
 from raycollapse.stages.knn_shard_inputs import (
     Piece,
@@ -214,7 +214,7 @@ class ShardedIndex:
         (an error when faiss-gpu is missing: never a silent CPU fallback). Actors not running
         after ``start_timeout_s`` (their CPUs/GPUs held by other work) raise UserInputError
         instead of waiting forever; None waits (e.g. for an autoscaler). ``method``: the
-        shards' search, as in :class:`~raycollapse.core.knn.ExactIndex` (same result); query
+        shards' search, as in :class:`~raycollapse.neighbors.knn.ExactIndex` (same result); query
         batches of ``batch_size`` rows should hold several queries per partition list (about
         sqrt(rows per shard) lists) for the pruning to pay.
         """

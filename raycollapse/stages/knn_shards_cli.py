@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import ray
 
-from raycollapse.core.entropy import EntropyResult, entropy_from_knn_distances
-from raycollapse.core.inputs import load_features
-from raycollapse.core.validate import as_features, check_k
+from raycollapse.curation.entropy import EntropyResult, entropy_from_knn_distances
+from raycollapse.data.inputs import load_features
+from raycollapse.neighbors.validate import as_features, check_k
 from raycollapse.stages.knn_shard_inputs import check_shards, embedding_parquet_files
 from raycollapse.stages.knn_shards import ShardedIndex
 from raycollapse.stages.runtime import ensure_ray

@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 import ray
 
-from raycollapse.core import storage
-from raycollapse.core.checkpoint import swap_into_place
-from raycollapse.core.datasets import Records
+from raycollapse.data.records import Records
+from raycollapse.diffusion.checkpoint import swap_into_place
 from raycollapse.errors import UserInputError
+from raycollapse.io import storage
 from raycollapse.stages.base import Batch, Stage, check_resources
 from raycollapse.stages.runtime import ensure_ray
 from raycollapse.stages.train_data import rank_seed, read_shard, training_dataset
@@ -78,14 +78,14 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     from ray.train import Checkpoint, CheckpointConsistencyMode
     from ray.train.torch import get_device, prepare_model
 
-    from raycollapse.core.checkpoint import (
+    from raycollapse.diffusion.checkpoint import (
         load_checkpoint,
         load_training_state,
         save_checkpoint,
         save_training_state,
     )
-    from raycollapse.core.diffusion import images_to_tensor, scheduler_from_config
-    from raycollapse.core.training import (
+    from raycollapse.diffusion.sampling import images_to_tensor, scheduler_from_config
+    from raycollapse.diffusion.trainer import (
         EMA,
         IndexStream,
         autocast_dtype,
@@ -93,7 +93,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
         make_optimizer,
         train_step,
     )
-    from raycollapse.core.unet import build_unet
+    from raycollapse.diffusion.unet import build_unet
 
     cfg = config["cfg"]
     tc, mc, dc = cfg["train"], cfg["model"], cfg["data"]
@@ -273,8 +273,8 @@ def train_distributed(
     (training loop only), train_seconds, seconds (wall, driver), workers, batch_size, checkpoint.
     """
     from raycollapse.config import to_yaml
-    from raycollapse.core.checkpoint import load_checkpoint, model_meta
-    from raycollapse.core.training import check_labels
+    from raycollapse.diffusion.checkpoint import load_checkpoint, model_meta
+    from raycollapse.diffusion.trainer import check_labels
 
     t0 = time.perf_counter()
     c = _plain(cfg)

@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raycollapse.core import storage
-from raycollapse.core.datasets import Records
+from raycollapse.data.records import Records
 from raycollapse.errors import UserInputError
+from raycollapse.io import storage
+from raycollapse.seeds import derive_seed
 
 _SCHEMA = pa.schema([("id", pa.int64()), ("image", pa.binary()), ("label", pa.int64())])
 
@@ -74,7 +75,7 @@ def batch_to_arrays(
     Encoded images are decoded and prepared to ``data.resolution`` / ``data.channels``; with
     ``data.on_small=skip`` images below the resolution are dropped.
     """
-    from raycollapse.core.datasets import TooSmall, decode_prepared, prepare_checked
+    from raycollapse.data.records import TooSmall, decode_prepared, prepare_checked
 
     ids = batch.column("id").to_numpy().astype(np.int64)
     labels = (
@@ -124,4 +125,4 @@ def read_shard(shard: Any, data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray
 
 def rank_seed(seed: int, rank: int) -> int:
     """A per-rank seed for the index stream and the noise generator."""
-    return int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1)[0])
+    return derive_seed(seed, rank)

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from raycollapse.core.threads import blas_single_threaded
-from raycollapse.core.validate import as_features
 from raycollapse.errors import UserInputError
+from raycollapse.neighbors.threads import blas_single_threaded
+from raycollapse.neighbors.validate import as_features
 
 __all__ = [
     "ApproxSpace",

@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from raycollapse.core.extractor_weights import (
+from raycollapse.data.inputs import images_to_pixels
+from raycollapse.errors import UserInputError
+from raycollapse.features.weights import (
     CLEANFID_FILE,
     DEFAULT_CLIP_MODEL,
     DEFAULT_DINOV2_MODEL,
@@ -40,8 +42,6 @@ from raycollapse.core.extractor_weights import (
     check_weights_available,
     load_state_dict_file,
 )
-from raycollapse.core.inputs import images_to_pixels
-from raycollapse.errors import UserInputError
 
 if TYPE_CHECKING:
     import torch

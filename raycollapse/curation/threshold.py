@@ -7,7 +7,7 @@ and accepts a candidate when its distance to EVERY accepted point is > tau (stri
 soon as B are accepted; after each pass tau <- tau * decay.
 
 The result equals that sequential loop over canonical float64 distances
-(:func:`raycollapse.core.greedy.exact_distances`) exactly. It is computed faster by
+(:func:`raycollapse.curation.greedy.exact_distances`) exactly. It is computed faster by
 
 * caching, for every candidate, lower and upper bounds of its min distance to the accepted
   points it has been compared with (``lb``, ``ub``, ``cnt``): a candidate with ``ub <= tau`` is
@@ -17,7 +17,7 @@ The result equals that sequential loop over canonical float64 distances
   accepted before the block, another the conflicts inside the block, which are then resolved
   sequentially in candidate order;
 * settling every comparison that falls within the rigorous error bound of the product
-  (:class:`raycollapse.core.greedy.ApproxSpace`) with the canonical formula.
+  (:class:`raycollapse.curation.greedy.ApproxSpace`) with the canonical formula.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from raycollapse.core.greedy import (
+from raycollapse.curation.greedy import (
     ApproxSpace,
     check_budget,
     exact_distances,
     exact_pair_distances,
 )
-from raycollapse.core.threads import blas_single_threaded
-from raycollapse.core.validate import as_features
 from raycollapse.errors import UserInputError
+from raycollapse.neighbors.threads import blas_single_threaded
+from raycollapse.neighbors.validate import as_features
 
 __all__ = ["ThresholdResult", "default_tau0", "threshold_select"]
 

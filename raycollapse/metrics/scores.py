@@ -17,9 +17,9 @@ import numbers
 
 import numpy as np
 
-from raycollapse.core.knn import knn_search, knn_self, pair_distances
-from raycollapse.core.validate import as_features
 from raycollapse.errors import UserInputError
+from raycollapse.neighbors.knn import knn_search, knn_self, pair_distances
+from raycollapse.neighbors.validate import as_features
 
 __all__ = [
     "feature_stats",
@@ -229,7 +229,7 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
     Strict ``<`` everywhere, as in the authors' reference code (``distance < radii`` for
     precision, recall and density, ``nearest < radii`` for coverage); ``<`` and ``<=`` differ
     only on exact ties (e.g. discrete data). Distances are exact float64 (see
-    :func:`~raycollapse.core.knn.pair_distances`). Memory: no N x M matrix; kNN in query
+    :func:`~raycollapse.neighbors.knn.pair_distances`). Memory: no N x M matrix; kNN in query
     batches plus distance tiles of ~2^20 entries. Time O(N M d), like the reference.
     """
     real = as_features(real, "real")

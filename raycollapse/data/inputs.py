@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from raycollapse.core.images import decode_image, list_image_files
 from raycollapse.errors import UserInputError
+from raycollapse.io.images import decode_image, list_image_files
 
 EMBEDDING_COLUMN = "embedding"
 IMAGE_COLUMN = "image"

@@ -2,7 +2,7 @@
 
 FAISS finds the candidate neighbours (flat, brute-force search; on the CPU, large searches skip
 the rows that a k-means partition and the triangle inequality rule out, see
-:mod:`raycollapse.core.knn_partitioned`, with the same result). The distances returned are then
+:mod:`raycollapse.neighbors.partitioned`, with the same result). The distances returned are then
 recomputed exactly (see :func:`pair_distances`) so that exact duplicates come out as 0.0 and
 results are reproducible to the last bit. Memory stays bounded: queries go to FAISS in batches
 of ``batch_size`` rows and no N x N matrix is ever built; besides the index (N x d float32, and
@@ -24,15 +24,15 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from raycollapse.core.distances import pair_distances, rerank_exact, sort_rows
-from raycollapse.core.knn_partitioned import (
+from raycollapse.errors import UserInputError
+from raycollapse.neighbors.distances import pair_distances, rerank_exact, sort_rows
+from raycollapse.neighbors.partitioned import (
     Partition,
     build_partition,
     default_n_lists,
     partitioned_candidates,
 )
-from raycollapse.core.validate import as_features, check_k
-from raycollapse.errors import UserInputError
+from raycollapse.neighbors.validate import as_features, check_k
 
 __all__ = [
     "ExactIndex",
@@ -54,7 +54,7 @@ _RERANK_PAD = 8
 _GPU_MAX_K = 2048
 
 KnnMethod = Literal["auto", "flat", "partitioned"]
-# method="auto" prunes with partitions (core/knn_partitioned.py) from this many rows on (below,
+# method="auto" prunes with partitions (neighbors/partitioned.py) from this many rows on (below,
 # flat is fast anyway) and when a search brings enough queries per partition list to repay the
 # per-group work (measured: 3 per list is slower than flat, 13 already 2x faster).
 _PARTITION_MIN_ROWS = 20_000
@@ -160,7 +160,7 @@ class ExactIndex:
     distances (recomputed from the stored float32 rows, see :func:`pair_distances`).
 
     ``method``: ``'flat'`` compares every query with every row; ``'partitioned'`` skips the
-    rows the triangle inequality rules out (:mod:`raycollapse.core.knn_partitioned`, CPU only:
+    rows the triangle inequality rules out (:mod:`raycollapse.neighbors.partitioned`, CPU only:
     the same result, many times faster on clustered data, up to ~10% slower on data without
     clusters); ``'auto'`` partitions on the CPU for searches of at least 20,000 rows with at
     least 8 queries per partition list (about sqrt(N) lists). The partition is built at the

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from raycollapse.errors import UserInputError
+from raycollapse.seeds import derive_seed
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -95,8 +96,7 @@ def sampling_scheduler(train_scheduler: Any, sampler: str, steps: int):
 
 def sample_seed(seed: int, sample_id: int) -> int:
     """A 63-bit torch seed derived from ``(seed, sample_id)`` only (numpy SeedSequence hashing)."""
-    state = np.random.SeedSequence([int(seed), int(sample_id)]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+    return derive_seed(seed, sample_id, bits=63)
 
 
 def sample_generators(seed: int, ids: Sequence[int] | np.ndarray) -> list[torch.Generator]:

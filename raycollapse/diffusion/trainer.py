@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raycollapse.core.diffusion import diffusion_loss, images_to_tensor
+from raycollapse.diffusion.sampling import diffusion_loss, images_to_tensor
 from raycollapse.errors import UserInputError
 
 
@@ -294,7 +294,7 @@ def train_loop(
     first = 0
     identity = {"steps": steps, "batch_size": batch_size, "n": len(images), "seed": seed}
     if state_path is not None and os.path.exists(state_path):
-        from raycollapse.core.checkpoint import load_training_state
+        from raycollapse.diffusion.checkpoint import load_training_state
 
         state = load_training_state(state_path)
         if state.get("identity") != identity:
@@ -335,7 +335,7 @@ def train_loop(
             and (step + 1) % checkpoint_every == 0
             and step + 1 < steps
         ):
-            from raycollapse.core.checkpoint import save_training_state
+            from raycollapse.diffusion.checkpoint import save_training_state
 
             save_training_state(state_path, {
                 "identity": identity, "step": step + 1, "model": _unwrap(model).state_dict(),

@@ -1,26 +1,10 @@
-"""Pixel features and sample grids: the weight-free view of an image set.
-
-``pixel_features`` is the feature space of the paper's pixel experiments (Shi et al. 2025) and of
-``features.name=pixel``: each image flattened, uint8 values scaled to [0, 1].
-"""
+"""Sample grids: many small uint8 images tiled into one PNG (``samples.png``, ``generate --grid``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from raycollapse.errors import UserInputError
-
-
-def pixel_features(images: np.ndarray) -> np.ndarray:
-    """uint8 ``N x H x W (x C)`` images -> float32 ``N x (H*W*C)`` in [0, 1] (``v / 255``)."""
-    arr = np.asarray(images)
-    if arr.dtype != np.uint8:
-        raise UserInputError(f"pixel_features expects uint8 images, got {arr.dtype}.")
-    if arr.ndim not in (3, 4):
-        raise UserInputError(
-            f"pixel_features expects N x H x W or N x H x W x C images, got shape {arr.shape}."
-        )
-    return arr.reshape(arr.shape[0], -1).astype(np.float32) / np.float32(255.0)
 
 
 def image_grid(

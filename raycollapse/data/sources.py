@@ -1,4 +1,4 @@
-"""Readers for the data sources of ``core/datasets.py`` (digits, CIFAR-10 batches, folder, Parquet).
+"""Readers for the data sources of ``data/records.py`` (digits, CIFAR-10 batches, folder, Parquet).
 
 Each reader returns ``Records`` already prepared (channels, resolution) and subset (``data.n``).
 """
@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raycollapse.core.datasets import Records, TooSmall, prepare_checked, subset_order
-from raycollapse.core.images import decode_image, list_image_files
+from raycollapse.data.records import Records, TooSmall, prepare_checked, subset_order
 from raycollapse.errors import UserInputError
+from raycollapse.io.images import decode_image, list_image_files
 
 PATH_HINTS = {
     "cifar10": "CIFAR-10 python-batches folder (cifar-10-batches-py) or one batch file",

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from raycollapse.core.unet import get_spec
+from raycollapse.diffusion.unet import get_spec
 from raycollapse.errors import UserInputError
 
 META_FILE = "raycollapse.json"

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from scipy.special import digamma
 
-from raycollapse.core.knn import knn_self
-from raycollapse.core.validate import as_features, check_k
 from raycollapse.errors import UserInputError
+from raycollapse.neighbors.knn import knn_self
+from raycollapse.neighbors.validate import as_features, check_k
 
 __all__ = ["EntropyResult", "entropy_from_knn_distances", "kl_entropy", "log_unit_ball_volume"]
 
@@ -155,8 +155,8 @@ def kl_entropy(
 ) -> EntropyResult:
     """KL entropy (nats) of the point set ``x`` (N, d), k-th neighbour excluding the point itself.
 
-    Validates ``x`` (:func:`~raycollapse.core.validate.as_features`) and ``k`` (1 <= k < N),
-    finds exact neighbour distances with :func:`~raycollapse.core.knn.knn_self` and applies
+    Validates ``x`` (:func:`~raycollapse.neighbors.validate.as_features`) and ``k`` (1 <= k < N),
+    finds exact neighbour distances with :func:`~raycollapse.neighbors.knn.knn_self` and applies
     :func:`entropy_from_knn_distances` (formula, duplicates, ``eps`` and bootstrap there).
     """
     x = as_features(x, "features")

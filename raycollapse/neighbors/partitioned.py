@@ -17,7 +17,7 @@ exactness:
    and of the others only a suffix (the rows far enough from their centroid) is searched; the
    candidates are merged.
 
-Candidates are then re-ranked exactly (:func:`~raycollapse.core.distances.rerank_exact`), as in
+Candidates are then re-ranked exactly (:func:`~raycollapse.neighbors.distances.rerank_exact`), as in
 the flat search, so both paths return the same neighbours, distances and tie order. The bounds
 are computed in float64 and loosened by a slack far larger than their rounding error, so a list
 is only skipped when it certainly holds no candidate.
@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from raycollapse.core.distances import pair_distances, rerank_exact, sort_rows
-from raycollapse.core.threads import blas_single_threaded, faiss_single_threaded
+from raycollapse.neighbors.distances import pair_distances, rerank_exact, sort_rows
+from raycollapse.neighbors.threads import blas_single_threaded, faiss_single_threaded
 
 __all__ = ["Partition", "build_partition", "default_n_lists", "partitioned_candidates"]
 
@@ -271,7 +271,7 @@ def partitioned_candidates(
     :func:`default_n_lists`) is built here, k-means seeded with ``seed``.
 
     Groups are searched single-threaded on as many Python threads as BLAS has threads (many
-    small products scale that way, see :mod:`raycollapse.core.threads`); the flat remainder
+    small products scale that way, see :mod:`raycollapse.neighbors.threads`); the flat remainder
     uses FAISS's own threads.
     """
     n, nq = data.shape[0], queries.shape[0]

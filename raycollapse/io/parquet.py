@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from raycollapse.core import storage
-from raycollapse.core.images import decode_image
+from raycollapse.io import storage
+from raycollapse.io.images import decode_image
 
 
 def _concat(uri: str, columns: list[str]) -> pa.Table:
@@ -24,12 +24,6 @@ def read_images(uri: str, channels: int) -> tuple[np.ndarray, np.ndarray, np.nda
     images = np.stack([decode_image(b, channels) for b in table.column("image").to_pylist()])
     labels = table.column("label").fill_null(-1).to_numpy().astype(np.int64)
     return ids, images, labels
-
-
-def read_column(uri: str, column: str) -> tuple[np.ndarray, list]:
-    """``(ids, values)`` of one column of a shard folder, in id order."""
-    table = _concat(uri, ["id", column])
-    return table.column("id").to_numpy().astype(np.int64), table.column(column).to_pylist()
 
 
 def read_embeddings(uri: str) -> tuple[np.ndarray, np.ndarray]:

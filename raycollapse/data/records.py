@@ -1,6 +1,6 @@
 """Training data as records: ``{id, image (uint8 H x W x C), label (nullable), source}``.
 
-Sources (``data.source``; readers in ``core/sources.py``):
+Sources (``data.source``; readers in ``data/sources.py``):
 
 - ``digits``: scikit-learn's 1,797 8x8 digits, shipped with scikit-learn (the embedded default).
   Values 0..16 become uint8 as ``round(v * 255 / 16)``.
@@ -25,10 +25,7 @@ the index in the full source (file order for folders, row order for Parquet and 
 Parquet encoding written by ``Records.to_arrow_table``: ``id`` int64, ``image`` PNG bytes (lossless,
 portable, small), ``label`` nullable int64, ``source`` string.
 
-Large sets: ``prepare_batch`` is a Ray Data ``map_batches`` function over the output of
-``ray.data.read_binary_files(..., include_paths=True)`` (or any table with encoded bytes), built on
-the per-image ``decode_prepared``; the stages layer wraps it. ``load_records`` is the in-memory path
-for sets that fit in memory (the loop's training sets).
+``load_records`` is the in-memory path for sets that fit in memory (the loop's training sets).
 """
 
 from __future__ import annotations
@@ -40,8 +37,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from raycollapse.core.images import decode_image
 from raycollapse.errors import UserInputError
+from raycollapse.io.images import decode_image
 
 
 @dataclass
@@ -68,10 +65,6 @@ class Records:
     @property
     def has_labels(self) -> bool:
         return bool(len(self.labels)) and bool((self.labels >= 0).all())
-
-    def label_array(self) -> np.ndarray | None:
-        """The labels, or ``None`` when any image lacks one."""
-        return self.labels if self.has_labels else None
 
     def to_arrow_table(self) -> pa.Table:
         """``{id: int64, image: PNG bytes, label: nullable int64, source: string}``."""
@@ -166,49 +159,6 @@ def prepare_checked(
         ) from None
 
 
-def prepare_batch(
-    batch: dict[str, np.ndarray],
-    *,
-    resolution: int,
-    channels: int,
-    on_corrupt: str = "error",
-    on_small: str = "error",
-    column: str = "bytes",
-    name_column: str = "path",
-) -> dict[str, np.ndarray]:
-    """A Ray Data ``map_batches`` function: encoded images in ``batch[column]`` -> ``image`` rows.
-
-    Rows that cannot be used (unreadable with ``on_corrupt=skip``, too small with
-    ``on_small=skip``) are dropped, so ``rows in - rows out`` is the skipped count; every other
-    column is kept for the remaining rows. ``on_corrupt=error`` raises ``UserInputError`` naming
-    the file (``batch[name_column]``, as ``ray.data.read_binary_files(include_paths=True)`` gives).
-    """
-    data = batch[column]
-    names = batch.get(name_column, [f"row {i}" for i in range(len(data))])
-    keep: list[int] = []
-    images: list[np.ndarray] = []
-    for i, (blob, name) in enumerate(zip(data, names, strict=True)):
-        try:
-            raw = decode_image(bytes(blob), channels, name=str(name))
-        except UserInputError:
-            if on_corrupt == "error":
-                raise
-            continue
-        try:
-            img = prepare_checked(
-                raw, resolution=resolution, channels=channels, on_small=on_small, name=str(name)
-            )
-        except TooSmall:
-            continue
-        keep.append(i)
-        images.append(img)
-    out = {k: np.asarray(v)[keep] for k, v in batch.items() if k != column}
-    out["image"] = (
-        np.stack(images) if images else np.zeros((0, resolution, resolution, channels), np.uint8)
-    )
-    return out
-
-
 def subset_order(total: int, n: int | None, seed: int) -> np.ndarray:
     """The order in which candidates are tried: all ids, or a seeded permutation when ``n`` is set."""
     if n is None:
@@ -224,7 +174,7 @@ def subset_order(total: int, n: int | None, seed: int) -> np.ndarray:
 
 def load_records(cfg) -> Records:
     """Read ``cfg`` (the ``data`` config section) into memory: see the module docstring."""
-    from raycollapse.core import sources
+    from raycollapse.data import sources
 
     if cfg.channels not in (1, 3):
         raise UserInputError(f"data.channels must be 1 or 3, got {cfg.channels}.")

@@ -1,1 +1,0 @@
-"""Core layer: entropy, kNN, selection, metrics, the DDPM and datasets. Never imports Ray."""
