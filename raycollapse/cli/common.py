@@ -11,12 +11,18 @@ from typing import Any
 from omegaconf import DictConfig
 
 from raycollapse.config import apply_overrides, load_config
+from raycollapse.config.checks import check_command
 
 
 def config_from_args(args: argparse.Namespace, flags: dict[str, Any] | None = None) -> DictConfig:
-    """``--config`` file, then ``key=value`` overrides, then flag shorthands (``{"knn.k": args.k}``)."""
-    cfg = load_config(args.config, list(args.overrides))
-    return apply_overrides(cfg, flags or {})
+    """``--config`` file, then ``key=value`` overrides, then flag shorthands (``{"knn.k": args.k}``).
+
+    Then the checks of every section ``args.command`` reads (``config.checks.check_command``), so
+    a bad value fails before the command reads any data.
+    """
+    cfg = apply_overrides(load_config(args.config, list(args.overrides)), flags or {})
+    check_command(cfg, args.command)
+    return cfg
 
 
 def _clean(value: Any) -> Any:

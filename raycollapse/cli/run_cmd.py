@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from raycollapse.config import load_config
+from raycollapse.cli.common import config_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from raycollapse.loop.runner import run_loop
 
-    cfg = load_config(args.config, list(args.overrides))
+    cfg = config_from_args(args)  # checks every section before Ray or any data
     path = run_loop(cfg, fork=args.fork, until=args.until)
     print(path)
     return 0

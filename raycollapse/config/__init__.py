@@ -1,3 +1,75 @@
-"""The one typed config tree: schema (dataclasses), loading with ``key=value`` overrides, checks."""
+"""The one typed config tree: ``schema`` (dataclasses, name lists), ``load`` (files, overrides,
+plain data), ``checks`` (every check that needs no data; import ``raycollapse.config.checks``).
 
-from raycollapse.config.schema import *  # noqa: F403
+``checks`` is not re-exported here: it imports modules that themselves import ``schema``.
+"""
+
+from raycollapse.config.load import (
+    apply_overrides,
+    diff_configs,
+    explain,
+    load_config,
+    to_dict,
+    to_yaml,
+)
+from raycollapse.config.schema import (
+    FEATURE_NAMES,
+    PARADIGMS,
+    PRESET_NAMES,
+    SAMPLERS,
+    SELECT_METHODS,
+    SOURCES,
+    Config,
+    DataConfig,
+    DiffusionConfig,
+    Feature,
+    FeaturesConfig,
+    Init,
+    KnnConfig,
+    LoopConfig,
+    MixedPrecision,
+    ModelConfig,
+    Paradigm,
+    Preset,
+    ResourcesConfig,
+    SampleConfig,
+    Sampler,
+    SelectConfig,
+    SelectMethod,
+    Source,
+    TrainConfig,
+)
+
+__all__ = [
+    "FEATURE_NAMES",
+    "PARADIGMS",
+    "PRESET_NAMES",
+    "SAMPLERS",
+    "SELECT_METHODS",
+    "SOURCES",
+    "Config",
+    "DataConfig",
+    "DiffusionConfig",
+    "Feature",
+    "FeaturesConfig",
+    "Init",
+    "KnnConfig",
+    "LoopConfig",
+    "MixedPrecision",
+    "ModelConfig",
+    "Paradigm",
+    "Preset",
+    "ResourcesConfig",
+    "SampleConfig",
+    "Sampler",
+    "SelectConfig",
+    "SelectMethod",
+    "Source",
+    "TrainConfig",
+    "apply_overrides",
+    "diff_configs",
+    "explain",
+    "load_config",
+    "to_dict",
+    "to_yaml",
+]

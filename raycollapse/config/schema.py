@@ -1,153 +1,220 @@
-"""One typed config tree for every command (OmegaConf structured dataclasses).
+"""The config tree: OmegaConf structured dataclasses, one section per concern.
 
-Every command takes ``[--config FILE] [key=value ...]``: the file is merged over these defaults,
-then the dotted overrides. An unknown key or a wrong type fails before any work starts, naming the
-key and listing the valid ones. Command-line flags such as ``--k`` are shorthands that write into
-this same tree (``knn.k``); there is no second way to configure anything.
+Every name list a user may choose from is defined here once, as a ``Literal`` that OmegaConf
+enforces when the config is loaded; the tuple each module needs is derived from it with
+``typing.get_args`` (e.g. ``PRESET_NAMES``). Each field is documented by the string below it:
+what it is, its unit and its allowed values. This module imports nothing of the project, so any
+module may import it.
 """
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, get_args
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+Source = Literal["digits", "cifar10", "folder", "parquet"]
+Preset = Literal["tiny", "unet32", "unet48", "unet64", "unet128"]
+Sampler = Literal["ddim", "ddpm"]
+Feature = Literal["pixel", "clip", "dinov2", "inception"]
+SelectMethod = Literal["none", "random", "greedy", "threshold"]
+Paradigm = Literal["replace", "accumulate", "accumulate_all", "fresh"]
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+Init = Literal["scratch", "finetune"]
 
-from raycollapse.errors import UserInputError
+SOURCES: tuple[str, ...] = get_args(Source)
+PRESET_NAMES: tuple[str, ...] = get_args(Preset)
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+FEATURE_NAMES: tuple[str, ...] = get_args(Feature)
+SELECT_METHODS: tuple[str, ...] = get_args(SelectMethod)
+PARADIGMS: tuple[str, ...] = get_args(Paradigm)
 
 
 @dataclass
 class DataConfig:
-    """Where real images come from and how they are shaped (issue: data sources)."""
+    """Where the real images come from and how they are shaped."""
 
-    source: Literal["digits", "cifar10", "folder", "parquet"] = "digits"
-    path: str | None = None  # required for cifar10 / folder / parquet
-    n: int | None = None  # seeded subset size; null = all
-    resolution: int = 8  # images are resized + center-cropped to resolution x resolution
-    channels: int = 1  # 1 (grayscale) or 3 (RGB)
+    source: Source = "digits"
+    """digits (scikit-learn's 1,797 8x8 images, built in), cifar10, folder (image files) or parquet."""
+    path: str | None = None
+    """Local path of the data; required for cifar10, folder and parquet, unused for digits."""
+    n: int | None = None
+    """Size of a seeded random subset of the source (>= 1); null = every image."""
+    resolution: int = 8
+    """Side in pixels: images are resized and center-cropped to resolution x resolution."""
+    channels: int = 1
+    """1 (grayscale) or 3 (RGB)."""
     seed: int = 0
-    on_corrupt: Literal["skip", "error"] = (
-        "error"  # unreadable image files: skip and count, or refuse
-    )
-    on_small: Literal["upscale", "skip", "error"] = (
-        "error"  # images below resolution (digits always upscale)
-    )
-    image_column: str = "image"  # parquet sources
-    label_column: str | None = "label"  # parquet sources; null = unlabelled
+    """Seed of the subset drawn when ``n`` is set."""
+    on_corrupt: Literal["skip", "error"] = "error"
+    """Unreadable image files: skip them (and count them) or refuse the data."""
+    on_small: Literal["upscale", "skip", "error"] = "error"
+    """Images smaller than ``resolution``: resize them up, skip them or refuse (digits always upscale)."""
+    image_column: str = "image"
+    """parquet sources: the column of encoded images."""
+    label_column: str | None = "label"
+    """parquet sources: the column of integer labels; null = unlabelled."""
 
 
 @dataclass
 class ModelConfig:
-    """The diffusers UNet2DModel preset (paper's UNet32/48/64/128, or a tiny CPU model)."""
+    """The diffusers ``UNet2DModel`` and its conditioning."""
 
-    preset: Literal["tiny", "unet32", "unet48", "unet64", "unet128"] = "tiny"
+    preset: Preset = "tiny"
+    """tiny (a CPU-sized model for 8x8 or 16x16) or the paper's UNet32/48/64/128 (base widths 32..128)."""
     class_conditional: bool = False
+    """Condition on class labels (needs labelled data); enables classifier-free guidance."""
     num_classes: int = 10
-    label_dropout: float = 0.1  # classifier-free guidance: share of labels dropped in training
-    seed: int = 0  # initial weights
+    """Number of classes (>= 1) of a class-conditional model; labels are 0..num_classes-1."""
+    label_dropout: float = 0.1
+    """Share of training labels replaced by the null label, in [0, 1] (classifier-free guidance)."""
+    seed: int = 0
+    """Seed of the initial weights."""
 
 
 @dataclass
 class DiffusionConfig:
-    """DDPM noise schedule (Ho et al. 2020): linear betas over num_train_timesteps."""
+    """The DDPM noise schedule (Ho et al. 2020): linear betas over ``num_train_timesteps``."""
 
     num_train_timesteps: int = 1000
+    """Diffusion steps T of training (>= 2); DDPM sampling runs all of them."""
     beta_start: float = 1e-4
+    """Noise variance at the first step; 0 < beta_start < beta_end < 1."""
     beta_end: float = 0.02
+    """Noise variance at the last step; 0 < beta_start < beta_end < 1."""
     beta_schedule: Literal["linear"] = "linear"
+    """How betas go from beta_start to beta_end: linear (the only one the paper uses)."""
 
 
 @dataclass
 class TrainConfig:
-    """Training of the DDPM: optimiser, EMA, precision, checkpoints, Ray Train workers."""
+    """Training of the DDPM: optimiser, EMA, precision, checkpoints and Ray Train workers."""
 
     steps: int = 2000
+    """Optimisation steps (>= 1)."""
     batch_size: int = 64
+    """Images per step over all workers (>= train.workers; each takes batch_size // workers)."""
     lr: float = 1e-3
+    """Peak AdamW learning rate (> 0), reached after the warmup, then cosine decay to 0."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_steps: int = 100
+    """Steps of linear learning-rate warmup."""
     ema_decay: float = 0.999
+    """Decay of the exponential moving average of the weights that are saved, in [0, 1)."""
     grad_clip: float = 1.0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Maximum global gradient norm."""
+    mixed_precision: MixedPrecision = "auto"
+    """auto (bf16 on a GPU that has it, else fp32), no (fp32), bf16 or fp16 (bf16/fp16 need CUDA)."""
     seed: int = 0
+    """Seed of the batch order and the noise; the loop derives one per iteration from the run seed."""
     log_every: int = 100
-    checkpoint_every: int = 500  # training-state saves (resume after a crash); 0 = none
-    sample_grid: int = 64  # samples drawn into train.out/samples.png after training; 0 = none
-    init: Literal["scratch", "finetune"] = "scratch"
-    init_from: str | None = None  # checkpoint folder for init=finetune
+    """Steps between progress lines on stderr."""
+    checkpoint_every: int = 500
+    """Steps between training-state saves (resume after a crash); 0 = none."""
+    sample_grid: int = 64
+    """Samples drawn into train.out/samples.png after training (``sample`` settings); 0 = none."""
+    init: Init = "scratch"
+    """scratch (new weights, the paper's code) or finetune (start from ``init_from``)."""
+    init_from: str | None = None
+    """Checkpoint folder to fine-tune (``raycollapse train`` with init=finetune); the loop uses the previous model."""
     out: str = "runs/train"
-    workers: int = 1  # Ray Train workers (DDP)
+    """Output folder of ``raycollapse train``."""
+    workers: int = 1
+    """Ray Train workers (DDP), >= 1; 1 on a CPU trains in the calling process."""
     use_gpu: bool = False
-    cpu_threads: int | None = (
-        None  # torch threads for CPU training; null = torch's default (all cores)
-    )
+    """One GPU per worker; an error where CUDA is missing."""
+    cpu_threads: int | None = None
+    """Torch threads per CPU worker (>= 1); null = torch's default (all cores)."""
     max_failures: int = 2
+    """Worker-group restarts Ray Train may make from the latest checkpoint."""
 
 
 @dataclass
 class SampleConfig:
-    """Sampling: DDIM (steps, eta) or DDPM (all steps), optional classifier-free guidance."""
+    """Sampling: DDIM or DDPM, optional classifier-free guidance (docs/design.md, "Seeding")."""
 
-    sampler: Literal["ddim", "ddpm"] = "ddim"  # ddim: see benchmarks/README.md (DDPM section)
-    steps: int = 50  # DDIM steps; DDPM always runs all diffusion.num_train_timesteps
-    eta: float = (
-        0.5  # DDIM noise: 0 = deterministic ODE, 1 = DDPM-like; 0.5 had the best FD at 50 steps
-    )
-    guidance: float | None = (
-        None  # CFG scale w: eps_u + w (eps_c - eps_u); needs a class-conditional model
-    )
-    label: int | None = None  # fixed label for every sample; null = sample id mod num_classes
-    n: int = 64  # samples to generate (raycollapse generate --n)
-    out: str | None = None  # .npy array, .png grid, or a folder of Parquet shards (--out)
-    batch_size: int = 256  # samples per call / Parquet shard; does not change the samples
-    group_size: int = 64  # rows per network evaluation, aligned to sample ids; fixes the rounding
-    use_gpu: bool = False  # raycollapse generate on CUDA (an error where there is none)
+    sampler: Sampler = "ddim"
+    """ddim (``steps`` steps; see benchmarks/README.md, DDPM section) or ddpm (all steps)."""
+    steps: int = 50
+    """DDIM steps, 1..diffusion.num_train_timesteps; DDPM always runs all of them."""
+    eta: float = 0.5
+    """DDIM noise (>= 0): 0 = deterministic ODE, 1 = DDPM-like; 0.5 had the best FD at 50 steps."""
+    guidance: float | None = None
+    """Classifier-free guidance scale w: eps_u + w (eps_c - eps_u); needs a class-conditional model."""
+    label: int | None = None
+    """Class of every sample (class-conditional models); null = sample id mod num_classes."""
+    n: int = 64
+    """Samples to generate (>= 1; ``raycollapse generate --n``)."""
+    out: str | None = None
+    """Output of ``raycollapse generate``: .npy array, .png grid or a new folder of Parquet shards."""
+    batch_size: int = 256
+    """Samples per call and per Parquet shard (>= 1); changes memory use, not the samples."""
+    group_size: int = 64
+    """Samples per network evaluation (>= 1), aligned to sample ids; changing it changes rounding."""
+    use_gpu: bool = False
+    """``raycollapse generate`` on CUDA (an error where there is none)."""
     seed: int = 0
+    """Pool seed: sample i depends only on (checkpoint, seed, i, sampler settings); the loop derives
+    one per iteration from the run seed."""
 
 
 @dataclass
 class FeaturesConfig:
-    """The feature space that entropy, selection and metrics work in."""
+    """The feature space that entropy, selection and the metrics work in."""
 
-    name: Literal["pixel", "clip", "dinov2", "inception"] = "pixel"
-    pretrained: str | None = (
-        None  # hub tag, local file, or "none" (random weights); null = default tag
-    )
+    name: Feature = "pixel"
+    """pixel (raw pixels / 255), clip (open_clip), dinov2 (timm, CLS token) or inception (2048-d pool)."""
+    pretrained: str | None = None
+    """Weights: a hub tag found in the local caches, a local file, or "none" (random); null = default tag."""
     batch_size: int = 256
+    """Images per forward pass (>= 1); does not change the embeddings."""
     dtype: Literal["float32", "float16"] = "float32"
-    clip_model: str = "ViT-B-32"  # open_clip architecture (``open_clip.list_models()``)
-    dinov2_model: str = "vit_small_patch14_dinov2.lvd142m"  # timm name (arch.tag)
-    dinov2_image_size: int = 224  # DINOv2 input side; timm resamples the position embedding
-    normalize: bool = False  # L2-normalise every embedding (e.g. cosine geometry for CLIP)
-    amp: bool = False  # autocast float16 on CUDA: faster, embeddings differ slightly from fp32
+    """Storage type of the embeddings."""
+    clip_model: str = "ViT-B-32"
+    """open_clip architecture (``open_clip.list_models()``)."""
+    dinov2_model: str = "vit_small_patch14_dinov2.lvd142m"
+    """timm model name (arch.tag)."""
+    dinov2_image_size: int = 224
+    """DINOv2 input side in pixels; timm resamples the position embedding."""
+    normalize: bool = False
+    """L2-normalise every embedding (e.g. cosine geometry for CLIP)."""
+    amp: bool = False
+    """Autocast float16 on CUDA: faster, embeddings differ slightly from fp32."""
 
 
 @dataclass
 class KnnConfig:
-    """Exact kNN and the Kozachenko-Leonenko entropy (DESIGN.md, Definitions)."""
+    """Exact kNN and the Kozachenko-Leonenko entropy (docs/design.md, "KL entropy")."""
 
     k: int = 3
-    eps: float = 1e-10  # floor on r_k for exact duplicates (the paper's code uses 1e-10)
-    # Query rows per search call: bounds memory (~ batch_size x (4 d + 16 (k + 9)) bytes); with
-    # shards, also the rows a shard groups at once (more per partition list prune better).
+    """The k-th nearest neighbour of the estimator (>= 1, below the number of points)."""
+    eps: float = 1e-10
+    """Floor (> 0) on r_k for exact duplicates, in feature units (the paper's code uses 1e-10)."""
     batch_size: int = 65536
-    shards: int = 1  # Ray actors holding one shard of the index each
-    bootstrap: int = 0  # bootstrap replicates for a confidence interval; 0 = none
+    """Query rows per search call (>= 1): memory ~ batch_size x (4 d + 16 (k + 9)) bytes.
+
+    With shards, also the rows a shard groups at once (more per partition list prune better)."""
+    shards: int = 1
+    """Ray actors holding one shard of the index each (>= 1); 1 = in-process, no Ray."""
+    bootstrap: int = 0
+    """Bootstrap replicates for a confidence interval of the entropy (>= 0); 0 = none."""
 
 
 @dataclass
 class SelectConfig:
-    """Choosing B of the candidates (DESIGN.md: greedy, threshold decay, random)."""
+    """Choosing B of the candidates (docs/design.md, "Greedy selection", "Threshold decay")."""
 
-    method: Literal["none", "random", "greedy", "threshold"] = "greedy"
+    method: SelectMethod = "greedy"
+    """greedy (farthest point), threshold (threshold decay), random, or none (a seeded subset)."""
     budget: int | None = None
+    """B, the rows ``raycollapse select`` chooses (>= 1); the loop uses loop.train_size instead."""
     seed: int = 0
-    tau0: float | None = None  # threshold decay; null = derived from the data
+    """Seed of the first greedy point, the threshold shuffle and random selection (the loop adds
+    it to the run seed)."""
+    tau0: float | None = None
+    """Initial threshold tau0 (> 0), in feature units; null = derived from the data."""
     decay: float = 0.9
+    """Factor applied to tau after each threshold pass, in (0, 1)."""
 
 
 @dataclass
@@ -155,23 +222,35 @@ class ResourcesConfig:
     """Ray resources per stage. GPUs are requested, never silently replaced by CPUs."""
 
     generate_actors: int = 1
+    """Actors of the generation stage (>= 1)."""
     generate_gpus_per_actor: float = 0.0
+    """GPUs per generation actor (>= 0; fractions share a GPU)."""
     embed_actors: int = 1
+    """Actors of the embedding stage (>= 1)."""
     embed_gpus_per_actor: float = 0.0
+    """GPUs per embedding actor (>= 0; fractions share a GPU)."""
     cpus_per_actor: float = 1.0
+    """CPUs per generation or embedding actor (> 0)."""
 
 
 @dataclass
 class LoopConfig:
-    """The self-consuming loop (DESIGN.md, The loop; Paradigms)."""
+    """The self-consuming loop (docs/design.md, "Paradigms"; Shi et al., NeurIPS 2025, Sec. 5)."""
 
     iterations: int = 4
-    train_size: int = 128  # B: size of every training set
-    pool_multiple: float = 2.0  # m: candidates = m x B
-    paradigm: Literal["replace", "accumulate", "accumulate_all", "fresh"] = "replace"
-    fresh_fraction: float = 0.0  # lambda for paradigm=fresh
-    metric_features: list[str] = field(default_factory=lambda: ["pixel"])
+    """Iterations (>= 1); iteration 0 trains on real data."""
+    train_size: int = 128
+    """B, the size of every training set (>= 2; accumulate_all grows by B per iteration)."""
+    pool_multiple: float = 2.0
+    """m (>= 1): each iteration generates round(m x B) candidates (the paper uses 1, 2 and 5)."""
+    paradigm: Paradigm = "replace"
+    """How candidates and training sets are built: replace, accumulate, accumulate_all or fresh."""
+    fresh_fraction: float = 0.0
+    """lambda in [0, 1] for paradigm=fresh: round(lambda B) fresh real images per training set."""
+    metric_features: list[Feature] = field(default_factory=lambda: ["pixel"])
+    """Feature spaces the metrics are computed in (at least one); the first also finds memorized pairs."""
     storage: str = "runs/run"
+    """The run folder: a local path or a pyarrow filesystem URI (docs/design.md, "Run directory")."""
 
 
 @dataclass
@@ -179,135 +258,24 @@ class Config:
     """The root of the tree. Each command reads the sections it needs."""
 
     seed: int = 0
+    """Run seed: every random choice of the loop derives from it (docs/design.md, "Seeding")."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Real data."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The UNet."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """The noise schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Training."""
     sample: SampleConfig = field(default_factory=SampleConfig)
+    """Sampling."""
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    """The feature space of entropy and selection."""
     knn: KnnConfig = field(default_factory=KnnConfig)
+    """kNN and entropy."""
     select: SelectConfig = field(default_factory=SelectConfig)
+    """Selection."""
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """Ray resources."""
     loop: LoopConfig = field(default_factory=LoopConfig)
-
-
-def _valid_keys(node: Any) -> list[str]:
-    return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
-
-
-def _explain(exc: OmegaConfBaseException, schema: DictConfig, origin: str) -> UserInputError:
-    """Turn an OmegaConf error into a message naming the key, the problem and the valid keys."""
-    full_key = str(getattr(exc, "full_key", "") or "")
-    if isinstance(exc, ConfigKeyError | ConfigAttributeError) and full_key:
-        parent_path, _, leaf = full_key.rpartition(".")
-        parent = OmegaConf.select(schema, parent_path) if parent_path else schema
-        valid = _valid_keys(parent)
-        hint = difflib.get_close_matches(leaf, valid, n=1)
-        where = f"under '{parent_path}'" if parent_path else "at the top level"
-        msg = f"unknown config key '{full_key}' ({origin}). Valid keys {where}: {', '.join(valid)}."
-        if hint:
-            msg += f" Did you mean '{parent_path + '.' if parent_path else ''}{hint[0]}'?"
-        return UserInputError(msg)
-    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    key = f" for key '{full_key}'" if full_key else ""
-    return UserInputError(f"bad config value{key} ({origin}): {first_line}")
-
-
-def load_config(
-    config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> DictConfig:
-    """Defaults <- ``config_file`` (YAML, read with ``yaml.safe_load``) <- ``key=value`` overrides.
-
-    Raises ``UserInputError`` for a missing file, bad YAML, an unknown key or a wrong type.
-    The result is read-only-structured: assigning an unknown key later also fails.
-    """
-    schema = OmegaConf.structured(Config)
-    cfg = schema
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise UserInputError(
-                f"config file '{path}' does not exist; pass an existing YAML file."
-            )
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserInputError(f"config file '{path}' is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise UserInputError(
-                f"config file '{path}' must hold a mapping of sections, not {type(data).__name__}."
-            )
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
-        except OmegaConfBaseException as exc:
-            raise _explain(exc, schema, f"in {path.name}") from None
-    for item in overrides:
-        if "=" not in item:
-            raise UserInputError(f"override '{item}' must look like key=value (e.g. knn.k=5).")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as exc:
-            raise _explain(exc, schema, f"override '{item}'") from None
-    OmegaConf.set_struct(cfg, True)
-    return cfg
-
-
-def apply_overrides(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
-    """Write flag shorthands (``--k 5`` -> ``knn.k=5``) into the tree, skipping ``None`` values."""
-    items = [f"{k}={_dotlist_value(v)}" for k, v in values.items() if v is not None]
-    if not items:
-        return cfg
-    schema = OmegaConf.structured(Config)
-    try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(items))
-    except OmegaConfBaseException as exc:
-        raise _explain(exc, schema, "command-line flag") from None
-
-
-def _dotlist_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def plain_section(section: Any, defaults: type) -> dict[str, Any]:
-    """A config section (DictConfig, dataclass, dict or None) as a plain dict over ``defaults``.
-
-    Plain data travels to Ray actors; a DictConfig would drag OmegaConf's struct flags along.
-    """
-    from dataclasses import asdict
-
-    if section is None:
-        given: dict[str, Any] = {}
-    elif isinstance(section, dict):
-        given = dict(section)
-    elif hasattr(section, "__dataclass_fields__"):
-        given = asdict(section)
-    else:
-        given = OmegaConf.to_container(section, resolve=True)  # type: ignore[assignment]
-    return {**asdict(defaults()), **given}
-
-
-def to_yaml(cfg: DictConfig) -> str:
-    """The resolved config as YAML (what every run folder saves as ``config.yaml``)."""
-    return OmegaConf.to_yaml(cfg, resolve=True)
-
-
-def to_dict(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain Python containers."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-def diff_configs(
-    a: dict[str, Any], b: dict[str, Any], prefix: str = ""
-) -> list[tuple[str, Any, Any]]:
-    """Dotted keys whose values differ between two plain config dicts: ``(key, a_value, b_value)``."""
-    out: list[tuple[str, Any, Any]] = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        dotted = f"{prefix}{key}"
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out.extend(diff_configs(va, vb, dotted + "."))
-        elif va != vb:
-            out.append((dotted, va, vb))
-    return out
+    """The self-consuming loop."""
