@@ -16,8 +16,7 @@ itself with :func:`drop_self` (asking the shards for ``k + 1`` neighbours).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +31,7 @@ from raycollapse.neighbors.partitioned import (
     default_n_lists,
     partitioned_candidates,
 )
+from raycollapse.neighbors.threads import faiss_threads
 from raycollapse.neighbors.validate import as_features, check_k
 
 __all__ = [
@@ -66,11 +66,14 @@ class KnnResult:
     """Neighbours of ``nq`` queries: row q lists its k neighbours, nearest first.
 
     ``distances``: (nq, k) float64 exact Euclidean distances, ascending along each row (ties
-    ordered by index). ``indices``: (nq, k) int64 row numbers in the database.
+    ordered by index). ``indices``: (nq, k) int64 row numbers in the database. ``pair_share``:
+    share of the ``nq x N`` query-row distances the search computed, 1.0 for a flat search and
+    less when partition pruning skipped rows (None where not measured, e.g. merged shards).
     """
 
     distances: np.ndarray
     indices: np.ndarray
+    pair_share: float | None = None
 
     @property
     def k(self) -> int:
@@ -81,22 +84,6 @@ class KnnResult:
 def faiss_has_gpu() -> bool:
     """True when the installed FAISS is the GPU build (``faiss-gpu``)."""
     return hasattr(faiss, "StandardGpuResources")
-
-
-@contextmanager
-def _faiss_threads(threads: int | None) -> Iterator[None]:
-    """Run the body with ``faiss.omp_set_num_threads(threads)``; None leaves FAISS defaults."""
-    if threads is None:
-        yield
-        return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise UserInputError(f"threads must be a positive integer or None, got {threads!r}")
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
 
 
 def _check_batch_size(batch_size: int) -> int:
@@ -209,7 +196,7 @@ class ExactIndex:
                 f"vectors added to the index have {x.shape[1]} features but the index has "
                 f"d={self.d}; embed all points with the same feature extractor"
             )
-        with _faiss_threads(self.threads):
+        with faiss_threads(self.threads):
             self._index.add(x)
         self._partition = None
         if self._host_chunks is not None:  # pragma: no cover - GPU only
@@ -269,7 +256,7 @@ class ExactIndex:
         nq = q.shape[0]
         out_d = np.empty((nq, k), dtype=np.float64)
         out_i = np.empty((nq, k), dtype=np.int64)
-        with _faiss_threads(self.threads):
+        with faiss_threads(self.threads):
             for start in range(0, nq, batch_size):
                 qb = q[start : start + batch_size]
                 _, cand = self._index.search(qb, n_fetch)
@@ -279,7 +266,7 @@ class ExactIndex:
                     dist, cand = res.distances, res.indices
                 out_d[start : start + qb.shape[0]] = dist[:, :k]
                 out_i[start : start + qb.shape[0]] = cand[:, :k]
-        return KnnResult(out_d, out_i)
+        return KnnResult(out_d, out_i, pair_share=1.0)
 
     def _prunes(self, n_queries: int) -> bool:
         """Whether a search of ``n_queries`` queries goes through the partition."""
@@ -306,7 +293,7 @@ class ExactIndex:
 
     def _get_partition(self) -> Partition:
         if self._partition is None:
-            with _faiss_threads(self.threads):
+            with faiss_threads(self.threads):
                 self._partition = build_partition(self.data(), default_n_lists(self.ntotal))
         return self._partition
 
@@ -320,13 +307,15 @@ class ExactIndex:
         query_ids: np.ndarray | None,
     ) -> KnnResult:
         partition = self._get_partition()
-        with _faiss_threads(self.threads):
-            dist, idx, _ = partitioned_candidates(
+        with faiss_threads(self.threads):
+            dist, idx, stats = partitioned_candidates(
                 self.data(), q, need, n_fetch, partition=partition, batch_size=batch_size
             )
         if query_ids is not None:
-            return drop_self(KnnResult(dist, idx), query_ids, k)
-        return KnnResult(np.ascontiguousarray(dist[:, :k]), np.ascontiguousarray(idx[:, :k]))
+            return drop_self(KnnResult(dist, idx, stats.pair_share), query_ids, k)
+        return KnnResult(
+            np.ascontiguousarray(dist[:, :k]), np.ascontiguousarray(idx[:, :k]), stats.pair_share
+        )
 
 
 def drop_self(result: KnnResult, query_ids: np.ndarray, k: int) -> KnnResult:
@@ -350,6 +339,7 @@ def drop_self(result: KnnResult, query_ids: np.ndarray, k: int) -> KnnResult:
     return KnnResult(
         np.take_along_axis(result.distances, order, axis=1),
         np.take_along_axis(result.indices, order, axis=1),
+        result.pair_share,
     )
 
 
