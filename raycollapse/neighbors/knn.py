@@ -3,7 +3,7 @@
 FAISS finds the candidate neighbours (flat, brute-force search; on the CPU, large searches skip
 the rows that a k-means partition and the triangle inequality rule out, see
 :mod:`raycollapse.neighbors.partitioned`, with the same result). The distances returned are then
-recomputed exactly (see :func:`pair_distances`) so that exact duplicates come out as 0.0 and
+recomputed exactly (see :func:`~raycollapse.neighbors.distances.pair_distances`) so that exact duplicates come out as 0.0 and
 results are reproducible to the last bit. Memory stays bounded: queries go to FAISS in batches
 of ``batch_size`` rows and no N x N matrix is ever built; besides the index (N x d float32, and
 a sorted copy when partitioned) a search holds ~ batch_size x (k + 9) results and at most 4M
@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 
 from raycollapse.errors import UserInputError
-from raycollapse.neighbors.distances import pair_distances, rerank_exact, sort_rows
+from raycollapse.neighbors.distances import rerank_exact, sort_rows
 from raycollapse.neighbors.partitioned import (
     Partition,
     build_partition,
@@ -43,7 +43,6 @@ __all__ = [
     "knn_search",
     "knn_self",
     "merge_topk",
-    "pair_distances",
 ]
 
 # FAISS ranks candidates with float32 distances that carry rounding error. We ask it for this
@@ -144,7 +143,7 @@ class ExactIndex:
     """Exact Euclidean index over float32 vectors (a FAISS ``IndexFlatL2``, CPU or GPU).
 
     Its rows are numbered 0..ntotal-1 in the order added. ``search`` returns exact float64
-    distances (recomputed from the stored float32 rows, see :func:`pair_distances`).
+    distances (recomputed from the stored float32 rows, see :func:`~raycollapse.neighbors.distances.pair_distances`).
 
     ``method``: ``'flat'`` compares every query with every row; ``'partitioned'`` skips the
     rows the triangle inequality rules out (:mod:`raycollapse.neighbors.partitioned`, CPU only:
@@ -388,7 +387,7 @@ def knn_search(
 ) -> KnnResult:
     """The ``k`` nearest ``database`` rows of each ``queries`` row (exact Euclidean).
 
-    Distances are exact float64 (see :func:`pair_distances`), rows sorted by (distance, index).
+    Distances are exact float64 (see :func:`~raycollapse.neighbors.distances.pair_distances`), rows sorted by (distance, index).
     Queries are searched ``batch_size`` rows at a time. ``threads`` sets FAISS's OpenMP threads
     for the call (None: FAISS default). ``device='cuda'`` uses a FAISS GPU index and raises
     UserInputError when faiss-gpu is not installed (no silent CPU fallback). ``method``: see
