@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from raycollapse.errors import UserInputError
+from raycollapse.neighbors.device import faiss_has_gpu
 from raycollapse.neighbors.distances import pair_distances
 from raycollapse.neighbors.knn import (
     ExactIndex,
     KnnResult,
     drop_self,
-    faiss_has_gpu,
     knn_search,
     knn_self,
     merge_topk,

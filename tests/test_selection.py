@@ -1,4 +1,5 @@
-"""Selection algorithms against plain sequential float64 references (DESIGN.md, "Definitions").
+"""Selection algorithms against plain sequential float64 references (docs/design.md, "Greedy
+selection", "Threshold decay").
 
 The references below are the definitions written as the simplest possible loops; the fast
 implementations must return exactly the same indices, thresholds and pass counts.

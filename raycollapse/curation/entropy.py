@@ -1,8 +1,8 @@
 """Kozachenko–Leonenko (KL) k-nearest-neighbour estimator of differential entropy.
 
-Definition (DESIGN.md, "Definitions"; the estimator used by Shi et al., "A Closer Look at Model
-Collapse: From a Generalization-to-Memorization Perspective", NeurIPS 2025, arXiv 2509.16499),
-for features X in R^{N x d}, Euclidean distance, natural log (nats)::
+Definition (docs/design.md, "KL entropy"; the estimator used by Shi et al., "A Closer Look at
+Model Collapse: From a Generalization-to-Memorization Perspective", NeurIPS 2025, arXiv
+2509.16499), for features X in R^{N x d}, Euclidean distance, natural log (nats)::
 
     H = psi(N) - psi(k) + log c_d + (d / N) * sum_i log max(r_k(i), eps)
     log c_d = (d / 2) log(pi) - lgamma(d / 2 + 1)     (log volume of the unit d-ball)

@@ -1,8 +1,8 @@
 """Random and greedy (farthest-point / k-center) selection, and the exact-distance machinery.
 
-Definitions (docs/design.md, "Greedy selection"; Shi et al., "A Closer Look at Model Collapse: From a
-Generalization-to-Memorization Perspective", NeurIPS 2025, arXiv 2509.16499, Sec. "entropy-based
-data selection"):
+Definitions (docs/design.md, "Greedy selection"; Shi et al., "A Closer Look at Model Collapse:
+From a Generalization-to-Memorization Perspective", NeurIPS 2025, arXiv 2509.16499, Sec.
+"entropy-based data selection"):
 
 * Distances are Euclidean, computed from the float32 features in float64 with the *canonical*
   formula :func:`~raycollapse.neighbors.distances.pair_distances`

@@ -1,7 +1,7 @@
 """Threshold-decay filter and its default starting threshold.
 
-Definition (DESIGN.md, "Definitions"; Shi et al., "A Closer Look at Model Collapse: From a
-Generalization-to-Memorization Perspective", NeurIPS 2025, arXiv 2509.16499): shuffle the
+Definition (docs/design.md, "Threshold decay"; Shi et al., "A Closer Look at Model Collapse:
+From a Generalization-to-Memorization Perspective", NeurIPS 2025, arXiv 2509.16499): shuffle the
 candidates (seeded); tau = tau0; each pass walks the not-yet-accepted candidates in that order
 and accepts a candidate when its distance to EVERY accepted point is > tau (strictly); stop as
 soon as B are accepted; after each pass tau <- tau * decay.
@@ -98,7 +98,7 @@ def threshold_select(
     seed: int = 0,
     max_passes: int = 10_000,
 ) -> ThresholdResult:
-    """Threshold-decay selection of ``budget`` rows of ``x`` (DESIGN.md, the paper's filter).
+    """Threshold-decay selection of ``budget`` rows of ``x`` (docs/design.md, "Threshold decay").
 
     Order: ``np.random.default_rng(seed).permutation(N)``; ``tau0=None`` uses
     :func:`default_tau0` ``(x, budget, seed)`` (median distance of random pairs). Raises UserInputError for a bad budget, decay

@@ -24,6 +24,7 @@ import faiss
 import numpy as np
 
 from raycollapse.errors import UserInputError
+from raycollapse.neighbors.device import GPU_MAX_K, parse_device
 from raycollapse.neighbors.distances import rerank_exact, sort_rows
 from raycollapse.neighbors.partitioned import (
     Partition,
@@ -39,7 +40,6 @@ __all__ = [
     "KnnMethod",
     "KnnResult",
     "drop_self",
-    "faiss_has_gpu",
     "knn_search",
     "knn_self",
     "merge_topk",
@@ -49,8 +49,6 @@ __all__ = [
 # many extra candidates, recompute all distances exactly and keep the best k, so that near-ties
 # and groups of exact duplicates are ranked by the exact distance (then by index).
 _RERANK_PAD = 8
-# FAISS GPU flat indexes return at most this many neighbours per query.
-_GPU_MAX_K = 2048
 
 KnnMethod = Literal["auto", "flat", "partitioned"]
 # method="auto" prunes with partitions (neighbors/partitioned.py) from this many rows on (below,
@@ -80,50 +78,20 @@ class KnnResult:
         return int(self.distances.shape[1])
 
 
-def faiss_has_gpu() -> bool:
-    """True when the installed FAISS is the GPU build (``faiss-gpu``)."""
-    return hasattr(faiss, "StandardGpuResources")
-
-
 def _check_batch_size(batch_size: int) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     return batch_size
 
 
-def _parse_device(device: str) -> int | None:
-    """None for the CPU, else the CUDA device number. Raises when the GPU build is missing."""
-    if device == "cpu":
-        return None
-    if not isinstance(device, str) or not (device == "cuda" or device.startswith("cuda:")):
-        raise UserInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if not faiss_has_gpu():
-        raise UserInputError(
-            f"device={device!r} needs the GPU build of FAISS, but faiss-gpu is not installed "
-            "(this is faiss-cpu); install faiss-gpu on the GPU nodes or use device='cpu'"
-        )
-    gpu = int(device.split(":", 1)[1]) if ":" in device else 0
-    available = faiss.get_num_gpus()
-    if gpu >= available:
-        raise UserInputError(
-            f"device={device!r} but FAISS sees {available} GPU(s); use a visible GPU or 'cpu'"
-        )
-    return gpu
-
-
 def _check_search_k(k: int, ntotal: int, *, gpu: bool) -> int:
     """Validate the neighbour count of a search in ``ntotal`` database rows."""
     if ntotal == 0:
         raise UserInputError("the index is empty; add vectors before searching")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise UserInputError(f"k must be a positive integer, got {k!r}; raise --k")
-    if k > ntotal:
+    k = check_k(k, ntotal, what="database points", self_excluded=False)
+    if gpu and k > GPU_MAX_K:  # pragma: no cover - GPU only
         raise UserInputError(
-            f"k must be <= number of database points N={ntotal}, got {k}; lower --k"
-        )
-    if gpu and k > _GPU_MAX_K:  # pragma: no cover - GPU only
-        raise UserInputError(
-            f"k={k} exceeds the FAISS GPU limit of {_GPU_MAX_K}; lower --k or use 'cpu'"
+            f"k={k} exceeds the FAISS GPU limit of {GPU_MAX_K}; lower --k or use 'cpu'"
         )
     return int(k)
 
@@ -168,7 +136,7 @@ class ExactIndex:
         self.threads = threads
         self.method = _check_method(method, device)
         self._partition: Partition | None = None
-        gpu = _parse_device(device)
+        gpu = parse_device(device)
         self._gpu_resources = None
         # Host copies of the rows, only where FAISS's own storage cannot be viewed (GPU).
         self._host_chunks: list[np.ndarray] | None = None
@@ -248,7 +216,7 @@ class ExactIndex:
         need = k if query_ids is None else k + 1
         n_fetch = min(need + _RERANK_PAD, self.ntotal)
         if self._gpu is not None:  # pragma: no cover - GPU only
-            n_fetch = min(n_fetch, _GPU_MAX_K)
+            n_fetch = min(n_fetch, GPU_MAX_K)
         if self._prunes(q.shape[0]):
             return self._search_partitioned(q, k, need, n_fetch, batch_size, query_ids)
         data = self.data()
@@ -418,7 +386,7 @@ def knn_self(
     x = as_features(x, "features")
     k = check_k(k, x.shape[0])
     index = ExactIndex(x.shape[1], device=device, threads=threads, method=method)
-    if index._gpu is not None and k + 1 > _GPU_MAX_K:  # pragma: no cover - GPU only
+    if index._gpu is not None and k + 1 > GPU_MAX_K:  # pragma: no cover - GPU only
         raise UserInputError(f"k={k} exceeds the FAISS GPU limit; lower --k or use 'cpu'")
     index.add(x)
     return index._search(

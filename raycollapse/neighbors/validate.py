@@ -77,19 +77,29 @@ def _check_finite(arr: np.ndarray, name: str, what: str) -> None:
     )
 
 
-def check_k(k: Any, n: int, *, what: str = "points", hint: str = "the paper uses k=3") -> int:
-    """Check that ``k`` is a valid neighbour count for ``n`` ``what``: an integer, 1 <= k < n.
+def check_k(
+    k: Any,
+    n: int,
+    *,
+    what: str = "points",
+    hint: str = "the paper uses k=3",
+    self_excluded: bool = True,
+) -> int:
+    """Check that ``k`` is a valid neighbour count among ``n`` ``what``: an integer, 1 <= k < n.
 
     Returns ``k`` as a Python int. ``k < n`` because the k-th neighbour of a point excludes the
-    point itself, so at most ``n - 1`` neighbours exist. ``hint`` says what k is usually.
+    point itself, so at most ``n - 1`` neighbours exist; ``self_excluded=False`` (queries
+    searched in a database of ``n`` rows) allows ``k = n``. ``hint`` says what k usually is.
     """
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise UserInputError(f"k must be an integer, got {k!r}; pass e.g. --k 3")
     k = int(k)
     if k < 1:
         raise UserInputError(f"k must be >= 1, got {k}; raise --k ({hint})")
-    if k >= n:
+    if self_excluded and k >= n:
         raise UserInputError(f"k must be < number of {what} N={n}, got {k}; lower --k")
+    if k > n:
+        raise UserInputError(f"k must be <= number of {what} N={n}, got {k}; lower --k")
     return k
 
 
