@@ -96,7 +96,8 @@ def test_list_column_to_matrix_fixed_and_variable_lists():
     x = np.random.default_rng(0).normal(size=(5, 3))
     fixed = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 3)
     var = pa.array(list(x), pa.list_(pa.float64()))
-    for values in (fixed, var, pa.chunked_array([var[:2], var[2:]])):
+    fixed32 = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1).astype(np.float32)), 3)
+    for values in (fixed, fixed32, var, pa.chunked_array([var[:2], var[2:]])):
         got = list_column_to_matrix(values, "embedding", "src")
         assert got.dtype == np.float32 and got.flags.writeable
         np.testing.assert_array_equal(got, x.astype(np.float32))

@@ -289,8 +289,9 @@ def test_pair_distances_per_row_exact_across_chunks() -> None:
     """Each row's value is its own float64 reduction, whatever rows are computed with it: rows
     beyond the first 65,536-row chunk, and one row against many, give the same bits."""
     rng = np.random.default_rng(12)
-    a = (rng.normal(size=(70_000, 12)) + 100.0).astype(np.float32)
-    b = (rng.normal(size=(70_000, 12)) + 100.0).astype(np.float32)
+    # different magnitudes: a float32 difference would round, the float64 one is exact
+    a = (rng.normal(size=(70_000, 12)) * 1000.0).astype(np.float32)
+    b = (rng.normal(size=(70_000, 12)) * 1e-3).astype(np.float32)
     b[5] = a[5]
     got = pair_distances(a, b)
     assert got.dtype == np.float64 and got[5] == 0.0
