@@ -8,7 +8,7 @@ the stages: :func:`decode_column` is the one decoder of an image column.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +124,7 @@ def iter_column(
         # N x H x W [x C] numbers: the rows as they are (a tensor batch of uint8 images)
         yield from values if values.ndim == 4 else values[..., None]
         return
-    cells: Iterable[Any] = values
-    for i, value in enumerate(cells):
+    for i, value in enumerate(values):
         label = row_names[i] if row_names is not None else f"{name} row {first_row + i}"
         yield decode_value(value, channels, name=label)
 
