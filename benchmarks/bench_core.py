@@ -33,7 +33,7 @@ import torch
 from scipy.special import digamma
 
 from raycollapse.curation.entropy import kl_entropy, log_unit_ball_volume
-from raycollapse.curation.select import default_tau0, greedy_select, threshold_select
+from raycollapse.curation.select import default_tau0, greedy_run, threshold_select
 from raycollapse.neighbors.knn import knn_self
 
 # ---------------------------------------------------------------------------------------- data
@@ -170,14 +170,19 @@ def _fmt(r: dict[str, Any]) -> str:
 
 
 def bench_greedy(data: str, x: np.ndarray, budget: int) -> dict[str, Any]:
-    ours, t_ours = _timed(greedy_select, x, budget, seed=0)
+    ours, t_ours = _timed(greedy_run, x, budget, seed=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(REF_THREADS or threads)
     try:
         ref, t_ref = _timed(greedy_reference, x, budget, seed=0)
     finally:
         torch.set_num_threads(threads)
-    return _row("greedy", data, x, budget, t_ours, t_ref, bool(np.array_equal(ours, ref)))
+    same = bool(np.array_equal(ours.indices, ref))
+    # pair_share: distances evaluated as a share of the reference's N x B (what pruning left)
+    return _row(
+        "greedy", data, x, budget, t_ours, t_ref, same,
+        batches=ours.batches, pair_share=round(ours.pair_share, 4),
+    )  # fmt: skip
 
 
 def bench_threshold(data: str, x: np.ndarray, budget: int) -> dict[str, Any]:
@@ -195,7 +200,8 @@ def bench_entropy(data: str, x: np.ndarray) -> dict[str, Any]:
     ref, t_ref = _timed(entropy_reference, x, 3)
     # The same kNN without partition pruning: what the pruning itself contributes.
     flat, t_flat = _timed(knn_self, x, 3, method="flat")
-    same_knn = bool(np.array_equal(flat.distances[:, 2], knn_self(x, 3).distances[:, 2]))
+    auto = knn_self(x, 3)
+    same_knn = bool(np.array_equal(flat.distances[:, 2], auto.distances[:, 2]))
     # H = const + d * mean(log r): compare relative to max(|H|, 1) (H can be close to 0)
     rel = abs(ours.entropy - ref) / max(abs(ref), 1.0)
     return _row(
@@ -207,6 +213,7 @@ def bench_entropy(data: str, x: np.ndarray) -> dict[str, Any]:
         t_ref,
         bool(rel < 1e-6 and same_knn),
         flat_knn_s=round(t_flat, 3),
+        knn_pair_share=round(auto.pair_share, 4),
         entropy=ours.entropy,
         entropy_ref=ref,
         rel_diff=rel,

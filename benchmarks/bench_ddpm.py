@@ -5,7 +5,7 @@
 2. Sampling seconds per image for DDIM-50 and DDPM-1000 (network batches of ``group_size`` 64).
    ``tiny``: both measured. ``unet32``: DDIM-50 measured, DDPM-1000 = 20 x that (the cost is the
    network forward per step; the scheduler step is < 1 %, see the tiny rows).
-3. Fréchet distance in pixel space (pixel features, ``metrics.scores.frechet_distance``)
+3. Fréchet distance in pixel space (pixel features, ``metrics.distribution.frechet_distance``)
    between ``--fd-n`` samples of ONE trained tiny model and all 1,797 real digits, for DDIM with
    10/25/50/100 steps (eta 0, 0.5, 1) and DDPM-1000; the floor is FD(``--fd-n`` random real
    digits, all digits).
@@ -44,7 +44,7 @@ from raycollapse.diffusion.trainer import (
     train_step,
 )
 from raycollapse.diffusion.unet import build_unet, count_parameters
-from raycollapse.metrics.scores import frechet_distance
+from raycollapse.metrics.distribution import frechet_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 

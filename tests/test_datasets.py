@@ -12,7 +12,6 @@ from PIL import Image
 from raycollapse.config import load_config
 from raycollapse.data.records import (
     Records,
-    decode_prepared,
     encode_png,
     load_records,
     prepare_image,
@@ -197,7 +196,6 @@ def test_prepare_image_crops_the_centre():
     assert out.shape == (10, 10, 3) and out.min() > 200
     rgba = np.zeros((12, 12, 4), dtype=np.uint8)
     assert prepare_image(rgba, resolution=12, channels=1).shape == (12, 12, 1)
-    assert decode_prepared(encode_png(out), resolution=5, channels=1).shape == (5, 5, 1)
 
 
 def test_image_grid_tiles_with_padding():

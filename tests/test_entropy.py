@@ -19,7 +19,8 @@ def gaussian_entropy(cov: np.ndarray) -> float:
 
 
 def direct_kl(x: np.ndarray, k: int, eps: float = 1e-10) -> tuple[float, int]:
-    """The DESIGN.md formula written out: brute-force distances, scipy digamma, math.lgamma."""
+    """The formula of docs/design.md, "KL entropy", written out: brute-force distances, scipy
+    digamma, math.lgamma."""
     x = np.asarray(x, dtype=np.float32).astype(np.float64)
     n, d = x.shape
     dist = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))

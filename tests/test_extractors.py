@@ -11,9 +11,12 @@ import torch
 
 from raycollapse.data.inputs import images_to_pixels
 from raycollapse.errors import UserInputError
-from raycollapse.features.extractors import build_extractor, to_rgb255
+from raycollapse.features.base import to_rgb255
+from raycollapse.features.extractors import build_extractor
 from raycollapse.features.weights import (
     CLEANFID_FILE,
+    PYTORCH_FID_FILE,
+    WeightCaches,
     check_weights_available,
     detect_format,
     load_state_dict_file,
@@ -34,14 +37,15 @@ def rgb32() -> np.ndarray:
 
 
 @pytest.fixture
-def empty_caches(tmp_path, monkeypatch):
-    """Point the HF and torch hub caches at empty folders, so no tag can resolve."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+def empty_caches(tmp_path) -> WeightCaches:
+    """Every folder a tag is looked up in is an empty one of this test, so no tag can resolve
+    from what this machine happens to have cached."""
+    return WeightCaches(
+        hf_hub=tmp_path / "hf",
+        torch_checkpoints=tmp_path / "torch" / "checkpoints",
+        clip_urls=tmp_path / "clip",
+        cleanfid=(tmp_path / "cleanfid", tmp_path / "cwd"),
+    )
 
 
 def test_pixel_equals_images_to_pixels(gray8, rgb32):
@@ -113,27 +117,53 @@ def test_local_safetensors_file_gives_identical_output(tmp_path, rgb32):
     ],
 )
 def test_unreachable_tag_names_model_and_fix(name, needles, empty_caches):
-    if name == "inception" and Path("/tmp", CLEANFID_FILE).exists():
-        pytest.skip("clean-fid's Inception file is cached in /tmp on this machine")
     with pytest.raises(UserInputError) as info:
-        check_weights_available(name, None)
+        check_weights_available(name, None, caches=empty_caches)
     msg = str(info.value)
     for needle in needles:
         assert needle in msg
     assert "not available" in msg and "none" in msg
+    assert str(empty_caches.hf_hub if name != "inception" else empty_caches.cleanfid[0]) in msg
+
+
+def test_default_caches_follow_the_libraries_environment(tmp_path, monkeypatch):
+    """Without ``caches`` the libraries' own folders are searched, as their variables set them."""
+    import torch
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    caches = WeightCaches.default()
+    assert caches.hf_hub == tmp_path / "hf"
+    assert caches.torch_checkpoints == Path(torch.hub.get_dir()) / "checkpoints"
+    assert caches.clip_urls == tmp_path / "home" / ".cache" / "clip"
+    assert caches.cleanfid[-1] == tmp_path
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_inception_tag_found_in_each_cleanfid_folder_and_torch_hub(empty_caches):
+    for folder in (*empty_caches.cleanfid, empty_caches.torch_checkpoints):
+        name = PYTORCH_FID_FILE if folder == empty_caches.torch_checkpoints else CLEANFID_FILE
+        folder.mkdir(parents=True)
+        torch.save({"w": torch.ones(1)}, folder / name)
+        w = check_weights_available("inception", None, caches=empty_caches)
+        assert w.path == str(folder / name) and w.tag == "clean-fid" and w.fmt == "torch"
+        (folder / name).unlink()
 
 
 def test_tag_found_in_hf_cache(empty_caches):
     """A tag resolves to the file in the HF cache layout, with no network access."""
     snap = (
-        empty_caches / "hf" / "models--timm--vit_small_patch14_dinov2.lvd142m" / "snapshots" / "abc"
+        empty_caches.hf_hub / "models--timm--vit_small_patch14_dinov2.lvd142m" / "snapshots" / "abc"
     )
     snap.mkdir(parents=True)
     (snap / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     refs = snap.parent.parent / "refs"
     refs.mkdir()
     (refs / "main").write_text("abc")
-    w = check_weights_available("dinov2", None)
+    w = check_weights_available("dinov2", None, caches=empty_caches)
     assert (
         w.path == str(snap / "model.safetensors") and w.tag == "lvd142m" and w.fmt == "safetensors"
     )

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from raycollapse.errors import UserInputError
+from raycollapse.neighbors.device import faiss_has_gpu
+from raycollapse.neighbors.distances import pair_distances
 from raycollapse.neighbors.knn import (
     ExactIndex,
     KnnResult,
     drop_self,
-    faiss_has_gpu,
     knn_search,
     knn_self,
     merge_topk,
@@ -282,3 +283,22 @@ def test_near_ties_below_float32_resolution_are_ranked_exactly() -> None:
         np.testing.assert_array_equal(res.indices, ref_i)
         np.testing.assert_allclose(res.distances, ref_d, rtol=1e-12, atol=0)
         assert res.indices[0, 0] == 5 and res.distances[0, 0] == 0.0
+
+
+def test_pair_distances_per_row_exact_across_chunks() -> None:
+    """Each row's value is its own float64 reduction, whatever rows are computed with it: rows
+    beyond the first 65,536-row chunk, and one row against many, give the same bits."""
+    rng = np.random.default_rng(12)
+    # different magnitudes: a float32 difference would round, the float64 one is exact
+    a = (rng.normal(size=(70_000, 12)) * 1000.0).astype(np.float32)
+    b = (rng.normal(size=(70_000, 12)) * 1e-3).astype(np.float32)
+    b[5] = a[5]
+    got = pair_distances(a, b)
+    assert got.dtype == np.float64 and got[5] == 0.0
+    for i in (0, 1, 65_535, 65_536, 69_999):
+        alone = np.sqrt(((a[i].astype(np.float64) - b[i].astype(np.float64)) ** 2).sum())
+        assert got[i] == alone
+    want = np.sqrt(((a.astype(np.float64) - b.astype(np.float64)) ** 2).sum(axis=1))
+    np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
+    one = pair_distances(a, b[7])
+    assert np.array_equal(one, pair_distances(a, np.repeat(b[7:8], len(a), axis=0)))

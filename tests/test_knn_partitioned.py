@@ -64,8 +64,10 @@ def test_pruning_skips_work_on_clusters_and_keeps_every_neighbour() -> None:
     """On well separated clusters no group may fall back to the flat search (else the test of
     exactness above would not exercise pruning), and the candidates equal the brute force."""
     x = clustered(4000, 8, seed=5)
-    dist, idx, n_flat = partitioned_candidates(x, x, 4, 12)
-    assert n_flat == 0
+    dist, idx, stats = partitioned_candidates(x, x, 4, 12)
+    assert stats.flat_queries == 0
+    # pruning really skipped rows: a flat search computes every one of the 4000 x 4000 pairs
+    assert stats.pair_share < 0.25
     # Only the n_need = 4 nearest are guaranteed; the 8 extra candidates are a float32 margin.
     ref_d, ref_i = brute_knn(x, x, 4)
     np.testing.assert_array_equal(idx[:, :4], ref_i)
@@ -75,8 +77,9 @@ def test_pruning_skips_work_on_clusters_and_keeps_every_neighbour() -> None:
 
 def test_isotropic_data_falls_back_to_flat_and_stays_exact() -> None:
     x = np.random.default_rng(0).normal(size=(3000, 48)).astype(np.float32)
-    dist, idx, n_flat = partitioned_candidates(x, x, 4, 12)
-    assert n_flat > 0
+    dist, idx, stats = partitioned_candidates(x, x, 4, 12)
+    assert stats.flat_queries > 0
+    assert stats.pair_share > 0.5  # the flat fallback computes (almost) every pair
     ref_d, ref_i = brute_knn(x, x, 4)
     np.testing.assert_array_equal(idx[:, :4], ref_i)
     np.testing.assert_allclose(dist[:, :4], ref_d, rtol=1e-12, atol=0)
@@ -116,6 +119,8 @@ def test_auto_partitions_large_searches_with_the_same_result() -> None:
     x = clustered(20_000, 16, seed=6, n_clusters=100)
     auto = knn_self(x, 3)  # N = 20,000: 'auto' takes the partitioned path
     flat = knn_self(x, 3, method="flat")
+    assert flat.pair_share == 1.0
+    assert auto.pair_share < 0.25  # pruned, not a flat search in disguise
     np.testing.assert_array_equal(auto.indices, flat.indices)
     np.testing.assert_array_equal(auto.distances, flat.distances)
 
@@ -154,8 +159,8 @@ def test_low_dimension_mixed_density_needs_neighbouring_lists(k: int) -> None:
     x = np.concatenate(
         [rng.uniform(-10, 10, size=(2500, 2)), rng.normal(scale=0.2, size=(500, 2))]
     ).astype(np.float32)
-    dist, idx, n_flat = partitioned_candidates(x, x, k + 1, k + 9)
-    assert n_flat == 0
+    dist, idx, stats = partitioned_candidates(x, x, k + 1, k + 9)
+    assert stats.flat_queries == 0 and stats.pair_share < 0.5
     ref_d, ref_i = brute_knn(x, x, k + 1)
     np.testing.assert_array_equal(idx[:, : k + 1], ref_i)
     np.testing.assert_allclose(dist[:, : k + 1], ref_d, rtol=1e-12, atol=0)

@@ -1,4 +1,5 @@
-"""Metrics (raycollapse.metrics.scores) against brute force, scipy and closed forms."""
+"""Metrics (raycollapse.metrics.memorization, .distribution) against brute force, scipy and
+closed forms."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import pytest
 import scipy.linalg
 
 from raycollapse.errors import UserInputError
-from raycollapse.metrics import scores as metrics
-from raycollapse.metrics.scores import (
+from raycollapse.metrics import distribution
+from raycollapse.metrics.distribution import (
     feature_stats,
     frechet_distance,
     frechet_from_stats,
+    prdc,
+)
+from raycollapse.metrics.memorization import (
     generalization_from_distances,
     generalization_score,
     memorized_fraction,
     memorized_from_distances,
-    prdc,
 )
 
 
@@ -172,7 +175,7 @@ def test_prdc_matches_brute_force(k: int) -> None:
 def test_prdc_exact_ties_on_discrete_data(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # Integer data: many fakes lie exactly on a ball's radius, where < and <= differ. Small
     # tiles (not dividing the sizes) exercise the tiling and the exact border re-check.
-    monkeypatch.setattr(metrics, "_TILE_ENTRIES", 7 * 13)
+    monkeypatch.setattr(distribution, "_TILE_ENTRIES", 7 * 13)
     rng = np.random.default_rng(10 + k)
     real = rng.integers(0, 4, size=(70, 3)).astype(np.float32)
     fake = rng.integers(0, 4, size=(55, 3)).astype(np.float32)

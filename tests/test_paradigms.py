@@ -1,4 +1,4 @@
-"""Paradigm plans (DESIGN.md, Paradigms) built from row references."""
+"""Paradigm plans (docs/design.md, "Paradigms") built from row references."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,5 @@
-"""Selection algorithms against plain sequential float64 references (DESIGN.md, "Definitions").
+"""Selection algorithms against plain sequential float64 references (docs/design.md, "Greedy
+selection", "Threshold decay").
 
 The references below are the definitions written as the simplest possible loops; the fast
 implementations must return exactly the same indices, thresholds and pass counts.
@@ -11,8 +12,10 @@ import pytest
 
 from raycollapse.curation.select import (
     default_tau0,
+    greedy_run,
     greedy_select,
     random_select,
+    select,
     threshold_select,
 )
 from raycollapse.errors import UserInputError
@@ -145,8 +148,22 @@ def test_greedy_all_points_identical():
 
 
 def test_greedy_large_clustered_uses_pruning_and_stays_exact():
+    """Low intrinsic dimension: the triangle inequality rules out most (point, centre) pairs
+    and consecutive farthest points go in batches; the result is still the plain loop's."""
+    x = clustered(4000, 3, 9)
+    res = greedy_run(x, 1500, seed=4)
+    assert np.array_equal(res.indices, ref_greedy(x, 1500, seed=4))
+    assert res.batches < 1499 // 4  # 1,499 steps after the first, many per product round
+    assert res.pair_share < 0.1  # the plain loop evaluates all 4000 x 1500 pairs
+
+
+def test_greedy_in_high_dimension_batches_without_pruning():
+    """Within-cluster noise in 24 dimensions defeats the pruning (most pairs are evaluated),
+    but batching still serves several steps per product."""
     x = clustered(4000, 24, 9)
-    assert np.array_equal(greedy_select(x, 1500, seed=4), ref_greedy(x, 1500, seed=4))
+    res = greedy_run(x, 1500, seed=4)
+    assert np.array_equal(res.indices, ref_greedy(x, 1500, seed=4))
+    assert res.batches < 1499 // 4 and res.pair_share > 0.5
 
 
 def test_greedy_threaded_scan_and_blas_threads_restored():
@@ -154,7 +171,9 @@ def test_greedy_threaded_scan_and_blas_threads_restored():
 
     before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
     x = isotropic(33_000, 64, 5)  # N * d >= 2**21: the full scan is split over threads
-    assert np.array_equal(greedy_select(x, 40, seed=1), ref_greedy(x, 40, seed=1))
+    res = greedy_run(x, 40, seed=1)
+    assert np.array_equal(res.indices, ref_greedy(x, 40, seed=1))
+    assert res.pair_share == 1.0  # isotropic: every batch went through the full scan
     assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before
 
 
@@ -236,13 +255,63 @@ def test_threshold_max_passes():
 # ------------------------------------------------------------------------------ default tau0
 
 
-def test_default_tau0_deterministic_and_positive():
-    x = clustered(800, 8, 0)
-    t = default_tau0(x, 100, seed=3)
-    assert t > 0 and np.isfinite(t)
-    assert t == default_tau0(x, 100, seed=3)
+def ref_tau0(x: np.ndarray, seed: int) -> float:
+    """The documented rule as a loop: 4096 seeded pairs i != j, median of the positive
+    float64 distances, 1.0 when there are none."""
+    n = len(x)
+    if n < 2:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    first = rng.integers(n, size=4096)
+    second = rng.integers(n - 1, size=4096)
+    dists = []
+    for i, j in zip(first.tolist(), second.tolist(), strict=True):
+        j = j + 1 if j >= i else j  # skip i itself
+        dist = float(np.sqrt(((x[i].astype(np.float64) - x[j].astype(np.float64)) ** 2).sum()))
+        if dist > 0.0:
+            dists.append(dist)
+    return float(np.median(dists)) if dists else 1.0
+
+
+@pytest.mark.parametrize("kind", list(DATA))
+def test_default_tau0_follows_its_rule(kind):
+    x = DATA[kind](800, 8, 0, dup_frac=0.3)
+    for seed in (0, 3):
+        assert default_tau0(x, 100, seed=seed) == ref_tau0(x, seed)
+    if kind != "grid":  # integer distances: other pairs may well share the median
+        assert default_tau0(x, 100, seed=0) != default_tau0(x, 100, seed=3)
+
+
+def test_default_tau0_without_scale_information():
     assert default_tau0(np.ones((10, 3), dtype=np.float32), 2) == 1.0
     assert default_tau0(np.zeros((1, 3), dtype=np.float32), 1) == 1.0
+    two = np.array([[0, 0], [3, 4]], dtype=np.float32)  # every pair is the same two points
+    assert default_tau0(two, 1) == 5.0 == ref_tau0(two, 0)
+
+
+# ------------------------------------------------------------------------------------ select
+
+
+def test_select_dispatches_to_each_definition():
+    x = clustered(400, 5, 3)
+    g = select(x, "greedy", 30, seed=2)
+    assert np.array_equal(g.indices, ref_greedy(x, 30, seed=2)) and g.tau0 is None
+    t = select(x, "threshold", 30, seed=2, tau0=2.0, decay=0.5)
+    idx, tau_final, passes, _, _ = ref_threshold(x, 30, 2.0, 0.5, 2)
+    assert np.array_equal(t.indices, idx)
+    assert t.threshold_report() == {"tau0": 2.0, "tau_final": tau_final, "passes": passes}
+    assert g.threshold_report() == {}
+    r = select(400, "random", 30, seed=2)  # random needs only N
+    assert np.array_equal(r.indices, np.random.default_rng(2).choice(400, 30, replace=False))
+    assert np.array_equal(select(x, "random", 30, seed=2).indices, r.indices)
+
+
+def test_select_unknown_method():
+    with pytest.raises(
+        UserInputError,
+        match=r"selection method must be one of greedy, threshold, random, got 'kcenter'",
+    ):
+        select(clustered(50, 2, 0), "kcenter", 5)
 
 
 # ---------------------------------------------------------------------------------- validation

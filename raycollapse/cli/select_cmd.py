@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from raycollapse.cli.common import config_from_args, print_result
 from raycollapse.cli.main import add_config_args
 from raycollapse.curation.entropy import kl_entropy
-from raycollapse.curation.select import greedy_select, random_select, threshold_select
+from raycollapse.curation.select import select
 from raycollapse.data.inputs import load_features
 from raycollapse.errors import UserInputError
 from raycollapse.io.atomic import atomic_path
@@ -114,16 +114,9 @@ def run(args: argparse.Namespace) -> int:
         check_shards(cfg.knn.shards, len(x))  # fail before the selection runs
 
     start = time.perf_counter()
-    extra: dict[str, object] = {}
-    if sel.method == "greedy":
-        idx = greedy_select(x, sel.budget, seed=sel.seed)
-    elif sel.method == "threshold":
-        res = threshold_select(x, sel.budget, tau0=sel.tau0, decay=sel.decay, seed=sel.seed)
-        idx = res.indices
-        extra = {"tau0": res.tau0, "tau_final": res.tau_final, "passes": res.passes}
-    else:
-        idx = random_select(len(x), sel.budget, seed=sel.seed)
+    chosen_by = select(x, sel.method, sel.budget, seed=sel.seed, tau0=sel.tau0, decay=sel.decay)
     seconds = time.perf_counter() - start
+    idx = chosen_by.indices
 
     _write_indices(out, idx, loaded.ids)
     chosen = x[idx]
@@ -138,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         "method": sel.method,
         "seed": int(sel.seed),
         "seconds": seconds,
-        **extra,
+        **chosen_by.threshold_report(),
         "min_pairwise_distance": min_dist,
         "entropy": entropy,
         "k": int(cfg.knn.k),

@@ -1,8 +1,8 @@
 """Kozachenko–Leonenko (KL) k-nearest-neighbour estimator of differential entropy.
 
-Definition (DESIGN.md, "Definitions"; the estimator used by Shi et al., "A Closer Look at Model
-Collapse: From a Generalization-to-Memorization Perspective", NeurIPS 2025, arXiv 2509.16499),
-for features X in R^{N x d}, Euclidean distance, natural log (nats)::
+Definition (docs/design.md, "KL entropy"; the estimator used by Shi et al., "A Closer Look at
+Model Collapse: From a Generalization-to-Memorization Perspective", NeurIPS 2025, arXiv
+2509.16499), for features X in R^{N x d}, Euclidean distance, natural log (nats)::
 
     H = psi(N) - psi(k) + log c_d + (d / N) * sum_i log max(r_k(i), eps)
     log c_d = (d / 2) log(pi) - lgamma(d / 2 + 1)     (log volume of the unit d-ball)
@@ -25,7 +25,7 @@ from scipy.special import digamma
 
 from raycollapse.errors import UserInputError
 from raycollapse.neighbors.knn import knn_self
-from raycollapse.neighbors.validate import as_features, check_k
+from raycollapse.neighbors.validate import as_distances, as_features, check_k
 
 __all__ = ["EntropyResult", "entropy_from_knn_distances", "kl_entropy", "log_unit_ball_volume"]
 
@@ -88,25 +88,12 @@ def entropy_from_knn_distances(
     would put copies of the same point in the set, creating artificial duplicates with r = 0.
     The interval therefore reflects the spread of the per-point terms, not the kNN variability.
     """
-    try:
-        r = np.asarray(r_k, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise UserInputError(f"r_k must be a 1-D array of distances ({exc})") from exc
-    if r.ndim != 1:
-        raise UserInputError(
-            f"r_k must be a 1-D array of k-th neighbour distances, got shape {r.shape}"
-        )
+    r = as_distances(r_k, "r_k")
     n = int(r.shape[0])
     if n < 2:
         raise UserInputError(f"entropy needs at least 2 points, got N={n}; provide more samples")
     d = _positive_int(d, "d (feature dimension)")
     k = check_k(k, n)
-    bad = ~np.isfinite(r) | (r < 0)
-    if bad.any():
-        raise UserInputError(
-            f"r_k holds {int(bad.sum())} negative or non-finite distances (first at index "
-            f"{int(np.flatnonzero(bad)[0])}); distances must be finite and >= 0"
-        )
     if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps > 0):
         raise UserInputError(f"eps must be a positive finite number, got {eps!r}; e.g. 1e-10")
     bootstrap = _positive_int(bootstrap, "bootstrap", minimum=0)

@@ -1,12 +1,12 @@
 """Random and greedy (farthest-point / k-center) selection, and the exact-distance machinery.
 
-Definitions (DESIGN.md, "Definitions"; Shi et al., "A Closer Look at Model Collapse: From a
-Generalization-to-Memorization Perspective", NeurIPS 2025, arXiv 2509.16499, Sec. "entropy-based
-data selection"):
+Definitions (docs/design.md, "Greedy selection"; Shi et al., "A Closer Look at Model Collapse:
+From a Generalization-to-Memorization Perspective", NeurIPS 2025, arXiv 2509.16499, Sec.
+"entropy-based data selection"):
 
 * Distances are Euclidean, computed from the float32 features in float64 with the *canonical*
-  formula :func:`exact_distances` ``sqrt(sum((float64(a) - float64(b)) ** 2))`` (numpy pairwise
-  summation along the feature axis). Every decision an algorithm here takes equals the decision
+  formula :func:`~raycollapse.neighbors.distances.pair_distances`
+  ``sqrt(sum((float64(a) - float64(b)) ** 2))`` (numpy pairwise summation along the feature axis). Every decision an algorithm here takes equals the decision
   a plain sequential loop over these canonical values takes: ties go to the lowest index.
 * Greedy selection: start from one seeded random point, repeatedly add the candidate whose
   distance to the selected set is largest.
@@ -29,19 +29,21 @@ from __future__ import annotations
 
 import numbers
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from raycollapse.errors import UserInputError
+from raycollapse.neighbors.distances import pair_distances
 from raycollapse.neighbors.threads import blas_single_threaded
 from raycollapse.neighbors.validate import as_features
 
 __all__ = [
     "ApproxSpace",
+    "GreedyResult",
     "check_budget",
-    "exact_distances",
-    "exact_pair_distances",
+    "greedy_run",
     "greedy_select",
     "random_select",
 ]
@@ -63,27 +65,6 @@ def check_budget(budget: Any, n: int) -> int:
             "lower the budget or provide a larger candidate pool"
         )
     return budget
-
-
-def exact_distances(x: np.ndarray, rows: np.ndarray, c: int) -> np.ndarray:
-    """Canonical distances from points ``x[rows]`` to point ``x[c]`` (float64, shape rows).
-
-    ``sqrt(((float64(x[rows]) - float64(x[c])) ** 2).sum(axis=1))``: numpy reduces each row
-    independently, so the value of a pair does not depend on which other rows are computed with it.
-    """
-    xc = x[c].astype(np.float64)
-    out = np.empty(len(rows), dtype=np.float64)
-    for s in range(0, len(rows), _CHUNK):
-        diff = x[rows[s : s + _CHUNK]].astype(np.float64) - xc
-        out[s : s + _CHUNK] = np.sqrt((diff * diff).sum(axis=1))
-    return out
-
-
-def exact_pair_distances(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Canonical distances between ``x[a[i]]`` and ``x[b[i]]``, bit-identical to
-    :func:`exact_distances` (same element operations, same per-row reduction; symmetric)."""
-    diff = x[a].astype(np.float64) - x[b].astype(np.float64)
-    return np.sqrt((diff * diff).sum(axis=1))
 
 
 class ApproxSpace:
@@ -144,14 +125,35 @@ def random_select(n: int, budget: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).choice(int(n), budget, replace=False).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class GreedyResult:
+    """Output of :func:`greedy_run`.
+
+    ``indices``: int64 rows in the order chosen. ``batches``: matrix-product rounds the
+    ``budget - 1`` steps after the first took (fewer rounds than steps: batching served several
+    steps at once). ``pair_share``: (point, centre) distances evaluated, by float32 product or
+    exactly, as a share of the ``N x budget`` the plain loop evaluates (what pruning left).
+    """
+
+    indices: np.ndarray
+    batches: int
+    pair_share: float
+
+
 def greedy_select(x: Any, budget: int, seed: int = 0) -> np.ndarray:
-    """Farthest-point (k-center) greedy selection of ``budget`` rows of ``x`` (DESIGN.md).
+    """Farthest-point (k-center) greedy selection: the indices of :func:`greedy_run`."""
+    return greedy_run(x, budget, seed).indices
+
+
+def greedy_run(x: Any, budget: int, seed: int = 0) -> GreedyResult:
+    """Farthest-point (k-center) greedy selection of ``budget`` rows of ``x`` (docs/design.md,
+    "Greedy selection").
 
     The first index is ``int(np.random.default_rng(seed).integers(N))``. Each next index is the
     argmax over all points of the canonical distance to the nearest selected point (lowest index
     on ties). Selected points have distance 0 and are never chosen again, except when every
     unselected point is an exact duplicate of a selected one (the maximum is 0): the lowest-index
-    unselected point is taken then. Returns int64 indices in the order chosen.
+    unselected point is taken then. Returns the indices in the order chosen, with the work done.
 
     The result equals that plain loop exactly; it is computed in provably exact batches of steps
     with triangle-inequality pruning and bounded-error float32 products (module docstring),
@@ -162,7 +164,9 @@ def greedy_select(x: Any, budget: int, seed: int = 0) -> np.ndarray:
     budget = check_budget(budget, n)
     first = int(np.random.default_rng(seed).integers(n))
     with blas_single_threaded() as threads:
-        return _Greedy(x, budget, threads).run(first)
+        run = _Greedy(x, budget, threads)
+        indices = run.run(first)
+    return GreedyResult(indices, run.batches, run.pairs / (n * budget))
 
 
 class _Greedy:
@@ -206,14 +210,17 @@ class _Greedy:
         self.members: list[np.ndarray] = []
         self.mlen = np.zeros(budget, dtype=np.int64)
         self.dirty = False
+        self.batches = 0  # see GreedyResult
+        self.pairs = 0
 
     def run(self, first: int) -> np.ndarray:
         pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         try:
             self.pool = pool
             self._place(np.array([first]), 0)
+            self.pairs = self.n
             pts = np.arange(self.n)
-            self._set_m(pts, exact_distances(self.x, pts, first), np.zeros(self.n, np.int64))
+            self._set_m(pts, pair_distances(self.x, self.x[first]), np.zeros(self.n, np.int64))
             self.members.append(pts)
             self.mlen[0] = self.n
             self._set_rad(np.array([0]), np.array([self.m.max()]))
@@ -248,7 +255,7 @@ class _Greedy:
         bad = np.tril(lb < mt[:, None], -1)  # pair (j, i < j) not proven harmless
         for j in np.flatnonzero(bad.any(axis=1)).tolist():
             prev = top[:j][bad[j, :j]]
-            if (exact_pair_distances(self.x, prev, np.full(len(prev), top[j])) < mt[j]).any():
+            if (pair_distances(self.x[prev], self.x[top[j]]) < mt[j]).any():
                 return top[:j]
         return top
 
@@ -283,6 +290,7 @@ class _Greedy:
         """Add centres ``cs`` as slots k, k+1, ...: every point ends at its min over them."""
         sp, n = self.sp, self.n
         self._place(cs, k)
+        self.batches += 1
         xc, lim = sp.xa[cs], 0.5 * sp.s2[cs]
         dots_c = self.ca[:k] @ xc.T
         aff = dots_c > self.w[:k, None] + lim  # (group, centre) pairs that may matter
@@ -300,6 +308,7 @@ class _Greedy:
                 keep = self.m[pts] > np.repeat(h, lens)
                 pts, j = pts[keep], np.repeat(j, lens)[keep]
                 if 2 * len(pts) <= n:
+                    self.pairs += len(pts)
                     ends = np.searchsorted(j, np.arange(1, len(cs) + 1)).tolist()
                     dots = np.empty(len(pts), dtype=np.float32)
                     lo = 0
@@ -311,6 +320,7 @@ class _Greedy:
                     self._settle(cs, k, pts[ok], j[ok], compact=True)
                     return
         pts, j = self._scan(xc, lim)
+        self.pairs += n * len(cs)
         self._settle(cs, k, pts, j, compact=False)
 
     def _scan(self, xc: np.ndarray, lim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -329,7 +339,7 @@ class _Greedy:
     def _settle(self, cs: np.ndarray, k: int, pts: np.ndarray, j: np.ndarray, compact: bool):
         """Canonical distances of the screened pairs; each point moves to its nearest new
         centre when strictly closer than ``m``; the centres it leaves are compacted."""
-        dist = exact_pair_distances(self.x, pts, cs[j])
+        dist = pair_distances(self.x[pts], self.x[cs[j]])
         better = dist < self.m[pts]
         pts, j, dist = pts[better], j[better], dist[better]
         if len(cs) > 1:  # keep each point's nearest new centre

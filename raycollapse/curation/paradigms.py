@@ -1,6 +1,6 @@
 """How each iteration's training set is built from real data and generated pools.
 
-DESIGN.md, *Paradigms* (Shi et al., NeurIPS 2025, Sec. 5):
+docs/design.md, "Paradigms" (Shi et al., NeurIPS 2025, Sec. 5):
 
 - ``replace``: candidates are the last generation's pool; the training set is a selection of B.
 - ``accumulate``: candidates are the real training set and every generation so far; the training

@@ -1,13 +1,13 @@
 """Threshold-decay filter and its default starting threshold.
 
-Definition (DESIGN.md, "Definitions"; Shi et al., "A Closer Look at Model Collapse: From a
-Generalization-to-Memorization Perspective", NeurIPS 2025, arXiv 2509.16499): shuffle the
+Definition (docs/design.md, "Threshold decay"; Shi et al., "A Closer Look at Model Collapse:
+From a Generalization-to-Memorization Perspective", NeurIPS 2025, arXiv 2509.16499): shuffle the
 candidates (seeded); tau = tau0; each pass walks the not-yet-accepted candidates in that order
 and accepts a candidate when its distance to EVERY accepted point is > tau (strictly); stop as
 soon as B are accepted; after each pass tau <- tau * decay.
 
 The result equals that sequential loop over canonical float64 distances
-(:func:`raycollapse.curation.greedy.exact_distances`) exactly. It is computed faster by
+(:func:`raycollapse.neighbors.distances.pair_distances`) exactly. It is computed faster by
 
 * caching, for every candidate, lower and upper bounds of its min distance to the accepted
   points it has been compared with (``lb``, ``ub``, ``cnt``): a candidate with ``ub <= tau`` is
@@ -29,13 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from raycollapse.curation.greedy import (
-    ApproxSpace,
-    check_budget,
-    exact_distances,
-    exact_pair_distances,
-)
+from raycollapse.curation.greedy import ApproxSpace, check_budget
 from raycollapse.errors import UserInputError
+from raycollapse.neighbors.distances import pair_distances
 from raycollapse.neighbors.threads import blas_single_threaded
 from raycollapse.neighbors.validate import as_features
 
@@ -89,7 +85,7 @@ def default_tau0(x: Any, budget: int, seed: int = 0) -> float:
     i = rng.integers(n, size=TAU0_PAIRS)
     j = rng.integers(n - 1, size=TAU0_PAIRS)
     j += j >= i
-    dist = exact_pair_distances(x, i, j)
+    dist = pair_distances(x[i], x[j])
     dist = dist[dist > 0.0]
     return float(np.median(dist)) if len(dist) else 1.0
 
@@ -102,7 +98,7 @@ def threshold_select(
     seed: int = 0,
     max_passes: int = 10_000,
 ) -> ThresholdResult:
-    """Threshold-decay selection of ``budget`` rows of ``x`` (DESIGN.md, the paper's filter).
+    """Threshold-decay selection of ``budget`` rows of ``x`` (docs/design.md, "Threshold decay").
 
     Order: ``np.random.default_rng(seed).permutation(N)``; ``tau0=None`` uses
     :func:`default_tau0` ``(x, budget, seed)`` (median distance of random pairs). Raises UserInputError for a bad budget, decay
@@ -244,7 +240,7 @@ class _Threshold:
         """Canonical min distance of each of ``rows`` to all accepted points."""
         acc = self.acc[: self.a]
         for i in rows:
-            v = float(exact_distances(self.x, acc, int(i)).min()) if self.a else np.inf
+            v = float(pair_distances(self.x[acc], self.x[i]).min()) if self.a else np.inf
             self.lb[i] = self.ub[i] = v
             self.cnt[i] = self.a
 
@@ -259,7 +255,7 @@ class _Threshold:
         amb = (sp.lower(q, e, f) <= tau) & ~conflict
         pi, qi = np.nonzero(np.triu(amb, 1))
         if len(pi):
-            conflict[pi, qi] = exact_pair_distances(self.x, ok[pi], ok[qi]) <= tau
+            conflict[pi, qi] = pair_distances(self.x[ok[pi]], self.x[ok[qi]]) <= tau
         return conflict
 
     def _accept(self, i: int) -> None:

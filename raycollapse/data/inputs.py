@@ -24,7 +24,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from raycollapse.errors import UserInputError
-from raycollapse.io.images import decode_image, list_image_files
+from raycollapse.io.images import decode_column, list_image_files
+from raycollapse.io.parquet import list_column_to_matrix
 
 EMBEDDING_COLUMN = "embedding"
 IMAGE_COLUMN = "image"
@@ -58,9 +59,7 @@ def load_features(
         if shards:
             return _from_parquet(shards, p, embedding_column, image_column)
         files = list_image_files(p)  # raises a clear error for an empty folder
-        return LoadedFeatures(
-            _stack_pixels([decode_image(f) for f in files], str(p)), None, "pixels", str(p)
-        )
+        return LoadedFeatures(_stack_pixels(decode_column(files), str(p)), None, "pixels", str(p))
     raise UserInputError(
         f"input '{p}' is not a supported format; use a .npy array, a .parquet file, "
         "a folder of Parquet shards or a folder of image files."
@@ -120,43 +119,13 @@ def _from_parquet(
     table = pa.concat_tables(pq.read_table(f, columns=wanted) for f in files)
     values = table.column(column).combine_chunks()
     if kind == "embedding":
-        feats = _list_column_to_matrix(values, column, str(root)).astype(np.float32, copy=False)
+        feats = list_column_to_matrix(values, column, str(root))
     elif pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
-        feats = _stack_pixels(
-            [decode_image(v.as_py(), name=f"{root} row {i}") for i, v in enumerate(values)],
-            str(root),
-        )
+        feats = _stack_pixels(decode_column(values, name=str(root)), str(root))
     else:
-        feats = images_to_pixels(_list_column_to_matrix(values, column, str(root)))
+        feats = images_to_pixels(list_column_to_matrix(values, column, str(root), dtype=None))
     ids = table.column("id").to_numpy().astype(np.int64) if "id" in wanted else None
     return LoadedFeatures(feats, ids, kind, str(root))
-
-
-def _list_column_to_matrix(values: pa.Array, column: str, source: str) -> np.ndarray:
-    """A (fixed-size or variable) list column -> 2-D array; rows of different length are an error."""
-    if values.null_count:
-        raise UserInputError(
-            f"column '{column}' of '{source}' has {values.null_count} null rows; drop or fill them."
-        )
-    if pa.types.is_fixed_size_list(values.type):
-        return (
-            values.flatten()
-            .to_numpy(zero_copy_only=False)
-            .reshape(len(values), values.type.list_size)
-        )
-    if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)):
-        raise UserInputError(
-            f"column '{column}' of '{source}' has type {values.type}; expected a list of numbers."
-        )
-    lengths = values.value_lengths().to_numpy(zero_copy_only=False)
-    if len(lengths) and lengths.min() != lengths.max():
-        first = int(np.argmax(lengths != lengths[0]))
-        raise UserInputError(
-            f"rows of column '{column}' of '{source}' differ in dimension: row 0 has {lengths[0]} values, "
-            f"row {first} has {lengths[first]}; every row must have the same dimension."
-        )
-    dim = int(lengths[0]) if len(lengths) else 0
-    return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), dim)
 
 
 def _stack_pixels(images: list[np.ndarray], source: str) -> np.ndarray:

@@ -38,7 +38,6 @@ import pyarrow as pa
 from PIL import Image
 
 from raycollapse.errors import UserInputError
-from raycollapse.io.images import decode_image
 
 
 @dataclass
@@ -128,20 +127,6 @@ def prepare_image(
         arr = arr[top : top + resolution, left : left + resolution]
         img = arr[:, :, None] if arr.ndim == 2 else arr
     return np.ascontiguousarray(img, dtype=np.uint8)
-
-
-def decode_prepared(
-    data: bytes | str, *, resolution: int, channels: int, on_small: str = "error", name: str = ""
-) -> np.ndarray:
-    """Decode one encoded image (bytes or path) and prepare it; the per-file function for Ray Data.
-
-    Raises ``UserInputError`` (naming the file) for an unreadable image and for one below the
-    resolution when ``on_small == "error"``; ``TooSmall`` when ``on_small == "skip"``.
-    """
-    img = decode_image(data, channels, name=name)
-    return prepare_checked(
-        img, resolution=resolution, channels=channels, on_small=on_small, name=name
-    )
 
 
 def prepare_checked(

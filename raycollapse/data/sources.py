@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from raycollapse.data.records import Records, TooSmall, prepare_checked, subset_order
 from raycollapse.errors import UserInputError
-from raycollapse.io.images import decode_image, list_image_files
+from raycollapse.io.images import decode_value, list_image_files
 
 PATH_HINTS = {
     "cifar10": "CIFAR-10 python-batches folder (cifar-10-batches-py) or one batch file",
@@ -180,35 +180,9 @@ def folder_records(cfg) -> Records:
     """Every image file under ``data.path`` (sorted paths; ids index that order); no labels."""
     files = list_image_files(cfg.path)
     return collect(
-        cfg, len(files), lambda i: decode_image(files[i], cfg.channels, name=str(files[i])),
+        cfg, len(files), lambda i: decode_value(files[i], cfg.channels, name=str(files[i])),
         lambda i: str(files[i]), None, f"folder:{cfg.path}",
     )  # fmt: skip
-
-
-def _array_image(value: list, name: str) -> np.ndarray:
-    """A Parquet array cell -> uint8 ``H x W x C``: nested lists, or a flat square 1/3-channel list."""
-    arr = np.asarray(value)
-    if arr.dtype == object or arr.ndim not in (1, 2, 3):
-        raise UserInputError(
-            f"{name}: image array must be H x W, H x W x C or a flat list of pixels."
-        )
-    if arr.ndim == 1:
-        for c in (1, 3):
-            side = int(round((arr.size / c) ** 0.5))
-            if side * side * c == arr.size:
-                arr = arr.reshape(side, side, c)
-                break
-        else:
-            raise UserInputError(
-                f"{name}: a flat image of {arr.size} values is not a square 1- or 3-channel image."
-            )
-    if np.issubdtype(arr.dtype, np.floating):
-        if arr.min() < 0 or arr.max() > 1:
-            raise UserInputError(f"{name}: float image arrays must be in [0, 1].")
-        arr = np.round(arr * 255)
-    elif arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise UserInputError(f"{name}: integer image arrays must be in 0..255.")
-    return arr.astype(np.uint8)
 
 
 def parquet_records(cfg) -> Records:
@@ -257,14 +231,8 @@ def parquet_records(cfg) -> Records:
 
     def read(i: int) -> np.ndarray:
         k = int(np.searchsorted(starts, i, side="right")) - 1
-        column = chunks[k]
-        value = column[i - int(starts[k])].as_py()
-        name = f"{root} row {i}"
-        if value is None:
-            raise UserInputError(f"{name}: the image is null")
-        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-            return decode_image(value, cfg.channels, name=name)
-        return _array_image(value, name)
+        value = chunks[k][i - int(starts[k])].as_py()
+        return decode_value(value, cfg.channels, name=f"{root} row {i}")
 
     return collect(
         cfg, int(starts[-1]), read, lambda i: f"{root} row {i}", labels, f"parquet:{root}"

@@ -1,11 +1,12 @@
 """Where an extractor's weights come from: a hub tag in a local cache, a local file, or none.
 
 ``check_weights_available`` runs on the driver before any work. It never touches the network:
-tags are looked up only in the caches the libraries themselves download into (the Hugging Face
-hub cache through ``huggingface_hub.try_to_load_from_cache``, torch hub's ``checkpoints`` folder,
-clean-fid's download folder), so a machine without internet gets an immediate error that names
-the model, the places searched and how to supply the file, instead of a hang or a half-finished
-job. ``"none"`` means the same architecture with random weights (a fixed seed); that is what the
+tags are looked up only in the caches the libraries themselves download into
+(:class:`WeightCaches`: the Hugging Face hub cache through
+``huggingface_hub.try_to_load_from_cache``, torch hub's ``checkpoints`` folder, open_clip's URL
+folder, clean-fid's download folder), so a machine without internet gets an immediate error
+that names the model, the places searched and how to supply the file, instead of a hang or a
+half-finished job. ``"none"`` means the same architecture with random weights (a fixed seed); that is what the
 tests use, since weights cannot be downloaded there.
 
 Local files are read with ``safetensors`` or ``torch.load(weights_only=True)`` only: a checkpoint
@@ -33,7 +34,7 @@ DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_TAG = "laion2b_s34b_b79k"
 DEFAULT_DINOV2_MODEL = "vit_small_patch14_dinov2.lvd142m"
 INCEPTION_TAG = "clean-fid"
-# clean-fid downloads its TorchScript Inception into "/tmp" on Linux/macOS (cleanfid/features.py).
+# clean-fid's TorchScript Inception (see WeightCaches.cleanfid for where it is looked up).
 CLEANFID_FILE = "inception-2015-12-05.pt"
 CLEANFID_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 # pytorch-fid's port of the same TensorFlow Inception (a plain state dict), in torch hub's cache.
@@ -68,23 +69,42 @@ class ResolvedWeights:
         return f"{self.tag} ({self.path})" if self.tag else str(self.path)
 
 
-def _hf_cache_dir() -> str:
-    from huggingface_hub import constants
+@dataclass(frozen=True)
+class WeightCaches:
+    """The local folders a hub tag is looked up in (nothing else is searched, nothing fetched).
 
-    return str(constants.HF_HUB_CACHE)
+    :meth:`default` gives the folders the libraries themselves download into; pass another
+    ``WeightCaches`` to :func:`check_weights_available` to look elsewhere (e.g. a copy of the
+    caches on shared storage).
+    """
+
+    hf_hub: Path  # Hugging Face hub cache (open_clip's and timm's hub tags)
+    torch_checkpoints: Path  # torch hub's checkpoints folder (timm's URL fallback, pytorch-fid)
+    clip_urls: Path  # open_clip's folder for weights it downloads from a URL
+    cleanfid: tuple[Path, ...]  # folders searched for clean-fid's Inception file
+
+    @classmethod
+    def default(cls) -> WeightCaches:
+        """The libraries' own folders, as their environment variables (HF_HUB_CACHE, TORCH_HOME,
+        HOME) set them now."""
+        import torch
+        from huggingface_hub import constants
+
+        return cls(
+            hf_hub=Path(constants.HF_HUB_CACHE),
+            torch_checkpoints=Path(torch.hub.get_dir()) / "checkpoints",
+            clip_urls=Path(os.path.expanduser("~/.cache/clip")),
+            # clean-fid downloads into "/tmp" on Linux/macOS (cleanfid/features.py); users often
+            # keep the file in the working directory.
+            cleanfid=(Path("/tmp"), Path.cwd()),
+        )
 
 
-def _torch_hub_checkpoints() -> Path:
-    import torch
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _hf_cached(repo_id: str, filename: str) -> str | None:
+def _hf_cached(caches: WeightCaches, repo_id: str, filename: str) -> str | None:
     """The path of a file in the local HF cache, or None. Pure file-system lookup, no network."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, filename)
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=caches.hf_hub)
     return found if isinstance(found, str) and os.path.isfile(found) else None
 
 
@@ -144,10 +164,12 @@ def check_weights_available(
     *,
     clip_model: str = DEFAULT_CLIP_MODEL,
     dinov2_model: str = DEFAULT_DINOV2_MODEL,
+    caches: WeightCaches | None = None,
 ) -> ResolvedWeights:
     """Resolve ``pretrained`` (tag, local file, ``"none"`` or ``None`` = the default tag) offline.
 
-    Raises ``UserInputError`` naming the model, where it looked and how to supply the file.
+    Tags are looked up in ``caches`` (default :meth:`WeightCaches.default`). Raises
+    ``UserInputError`` naming the model, where it looked and how to supply the file.
     """
     if name not in EXTRACTORS:
         raise UserInputError(f"unknown features '{name}'; choose one of: {', '.join(EXTRACTORS)}.")
@@ -155,14 +177,15 @@ def check_weights_available(
         # Pixels need no weights; a pretrained value meant for another extractor is ignored.
         return ResolvedWeights("pixel", "pixel", None, None, "random")
     text = None if pretrained is None else str(pretrained).strip()
+    found_in = caches or WeightCaches.default()
     if name == "clip":
-        return _resolve_clip(clip_model, text)
+        return _resolve_clip(clip_model, text, found_in)
     if name == "dinov2":
-        return _resolve_dinov2(dinov2_model, text)
-    return _resolve_inception(text)
+        return _resolve_dinov2(dinov2_model, text, found_in)
+    return _resolve_inception(text, found_in)
 
 
-def _resolve_clip(model: str, text: str | None) -> ResolvedWeights:
+def _resolve_clip(model: str, text: str | None, caches: WeightCaches) -> ResolvedWeights:
     import open_clip
 
     if model not in open_clip.list_models():
@@ -208,17 +231,17 @@ def _resolve_clip(model: str, text: str | None) -> ResolvedWeights:
         if filename.endswith((".bin", ".pth")):
             candidates.insert(0, filename[:-4] + ".safetensors")
         for fn in candidates:
-            found = _hf_cached(repo_id, fn)
+            found = _hf_cached(caches, repo_id, fn)
             if found:
                 return ResolvedWeights("clip", model, tag, found, detect_format(found), quick)
-            looked.append(f"{_hf_cache_dir()} ({repo_id}/{fn})")
+            looked.append(f"{caches.hf_hub} ({repo_id}/{fn})")
         url_hint = f"https://huggingface.co/{repo_id}/resolve/main/{candidates[-1]}"
     else:
         url_hint = cfg.get("url", "")
     if cfg.get("url"):
         # open_clip's own URL cache; OpenAI's files there are TorchScript and are refused by
         # _from_file's format check below, with the hint to use the Hugging Face copy.
-        cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(cfg["url"])
+        cached = caches.clip_urls / os.path.basename(cfg["url"])
         if cached.is_file():
             resolved = _from_file("clip", model, str(cached), hint)
             return ResolvedWeights("clip", model, tag, resolved.path, resolved.fmt, quick)
@@ -237,7 +260,7 @@ def _resolve_clip(model: str, text: str | None) -> ResolvedWeights:
     )
 
 
-def _resolve_dinov2(model: str, text: str | None) -> ResolvedWeights:
+def _resolve_dinov2(model: str, text: str | None, caches: WeightCaches) -> ResolvedWeights:
     import timm
 
     arch, _, model_tag = model.partition(".")
@@ -268,14 +291,14 @@ def _resolve_dinov2(model: str, text: str | None) -> ResolvedWeights:
     hub_id = getattr(cfg, "hf_hub_id", None)
     if hub_id:
         for fn in ("model.safetensors", "pytorch_model.bin"):
-            found = _hf_cached(hub_id, fn)
+            found = _hf_cached(caches, hub_id, fn)
             if found:
                 return ResolvedWeights("dinov2", full, tag, found, detect_format(found))
-            looked.append(f"{_hf_cache_dir()} ({hub_id}/{fn})")
+            looked.append(f"{caches.hf_hub} ({hub_id}/{fn})")
     url = getattr(cfg, "url", None)
     if url:
         # timm's URL fallback and torch.hub's DINOv2 both download into torch hub's checkpoints.
-        cached = _torch_hub_checkpoints() / os.path.basename(url)
+        cached = caches.torch_checkpoints / os.path.basename(url)
         if cached.is_file():
             return ResolvedWeights("dinov2", full, tag, str(cached), detect_format(cached))
         looked.append(str(cached))
@@ -289,7 +312,7 @@ def _resolve_dinov2(model: str, text: str | None) -> ResolvedWeights:
     )
 
 
-def _resolve_inception(text: str | None) -> ResolvedWeights:
+def _resolve_inception(text: str | None, caches: WeightCaches) -> ResolvedWeights:
     model = "inception-v3-fid"
     hint = (
         f"Download clean-fid's Inception ({CLEANFID_URL}) on a machine with internet and pass "
@@ -304,11 +327,8 @@ def _resolve_inception(text: str | None) -> ResolvedWeights:
             f"'{text}' is neither the Inception tag '{INCEPTION_TAG}' nor an existing file; "
             f"pass --pretrained {INCEPTION_TAG}, a file, or none."
         )
-    candidates = [
-        Path("/tmp") / CLEANFID_FILE,  # where clean-fid itself downloads it
-        Path.cwd() / CLEANFID_FILE,
-        _torch_hub_checkpoints() / PYTORCH_FID_FILE,  # pytorch-fid's state-dict port
-    ]
+    candidates = [folder / CLEANFID_FILE for folder in caches.cleanfid]
+    candidates.append(caches.torch_checkpoints / PYTORCH_FID_FILE)  # pytorch-fid's port
     for cand in candidates:
         if cand.is_file():
             return ResolvedWeights(

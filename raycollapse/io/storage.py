@@ -7,7 +7,6 @@ so a retried task or a restarted actor never leaves a half-written or duplicated
 from __future__ import annotations
 
 import io
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,6 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raycollapse.errors import UserInputError
+from raycollapse.io.atomic import temp_name
 
 
 def open_fs(uri: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -37,25 +37,24 @@ def join(base: str | Path, *parts: str) -> str:
 
 
 def exists(uri: str | Path) -> bool:
+    """Whether a file or folder exists at ``uri``."""
     fs, path = open_fs(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def makedirs(uri: str | Path) -> None:
+    """Create the folder ``uri`` and its parents (no error when it exists)."""
     fs, path = open_fs(uri)
     fs.create_dir(path, recursive=True)
 
 
-def _tmp_name(path: str) -> str:
-    head, _, tail = path.rpartition("/")
-    return f"{head}/.{tail}.tmp-{uuid.uuid4().hex[:8]}"
-
-
 def write_bytes_atomic(uri: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``uri`` through a temporary name and a move."""
+    """Write ``data`` to ``uri`` through a temporary name (:func:`~raycollapse.io.atomic.temp_name`)
+    and a move."""
     fs, path = open_fs(uri)
-    fs.create_dir(path.rpartition("/")[0], recursive=True)
-    tmp = _tmp_name(path)
+    head, _, tail = path.rpartition("/")
+    fs.create_dir(head, recursive=True)
+    tmp = f"{head}/{temp_name(tail)}"
     try:
         with fs.open_output_stream(tmp) as out:
             out.write(data)
@@ -66,10 +65,12 @@ def write_bytes_atomic(uri: str | Path, data: bytes) -> None:
 
 
 def write_text_atomic(uri: str | Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``uri`` atomically."""
     write_bytes_atomic(uri, text.encode())
 
 
 def read_text(uri: str | Path) -> str:
+    """The UTF-8 text of the file at ``uri``."""
     fs, path = open_fs(uri)
     with fs.open_input_stream(path) as f:
         return f.read().decode()
@@ -104,5 +105,6 @@ def list_files(uri: str | Path, suffix: str = ".parquet") -> list[str]:
 
 
 def read_parquet(uri: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file (or a folder pyarrow reads as one table), optionally some columns."""
     fs, path = open_fs(uri)
     return pq.read_table(path, columns=columns, filesystem=fs)

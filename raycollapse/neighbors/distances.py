@@ -12,19 +12,29 @@ import numpy as np
 __all__ = ["pair_distances", "rerank_exact", "sort_rows"]
 
 _RERANK_ELEMENTS = 1 << 22
+_ROWS = 1 << 16  # rows per chunk of the float64 differences in pair_distances
 
 
 def pair_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Exact Euclidean distances between paired rows: ``out[i] = ||a[i] - b[i]||`` (float64).
 
-    Computed as ``sqrt(sum((a - b)**2))`` in float64 from the (float32) inputs, never through
+    ``b`` may also be one row (``d``,), compared with every row of ``a``. Computed as
+    ``sqrt(sum((a - b)**2))`` in float64 from the (float32) inputs, never through
     ``|a|^2 + |b|^2 - 2 a.b``: the difference of two float32 values is exact in float64, so
-    identical rows give exactly 0.0. All of raycollapse uses this one function for distances that
-    are compared with each other, so the same pair always gives the same bits.
+    identical rows give exactly 0.0. Each row is reduced on its own (numpy's pairwise sum over
+    its contiguous d values), so a pair's value does not depend on the other rows computed with
+    it; rows go in chunks of 65,536 to bound the float64 temporaries. All of raycollapse (kNN,
+    selection, metrics) uses this one function for distances that are compared with each other,
+    so the same pair always gives the same bits.
     """
-    diff = np.subtract(a, b, dtype=np.float64)
-    np.multiply(diff, diff, out=diff)
-    return np.sqrt(diff.sum(axis=1))
+    n = a.shape[0]
+    out = np.empty(n, dtype=np.float64)
+    one = b.ndim == 1
+    for s in range(0, n, _ROWS):
+        diff = np.subtract(a[s : s + _ROWS], b if one else b[s : s + _ROWS], dtype=np.float64)
+        np.multiply(diff, diff, out=diff)
+        np.sqrt(diff.sum(axis=1), out=out[s : s + _ROWS])
+    return out
 
 
 def sort_rows(dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

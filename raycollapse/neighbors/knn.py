@@ -3,7 +3,7 @@
 FAISS finds the candidate neighbours (flat, brute-force search; on the CPU, large searches skip
 the rows that a k-means partition and the triangle inequality rule out, see
 :mod:`raycollapse.neighbors.partitioned`, with the same result). The distances returned are then
-recomputed exactly (see :func:`pair_distances`) so that exact duplicates come out as 0.0 and
+recomputed exactly (see :func:`~raycollapse.neighbors.distances.pair_distances`) so that exact duplicates come out as 0.0 and
 results are reproducible to the last bit. Memory stays bounded: queries go to FAISS in batches
 of ``batch_size`` rows and no N x N matrix is ever built; besides the index (N x d float32, and
 a sorted copy when partitioned) a search holds ~ batch_size x (k + 9) results and at most 4M
@@ -16,8 +16,7 @@ itself with :func:`drop_self` (asking the shards for ``k + 1`` neighbours).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,13 +24,15 @@ import faiss
 import numpy as np
 
 from raycollapse.errors import UserInputError
-from raycollapse.neighbors.distances import pair_distances, rerank_exact, sort_rows
+from raycollapse.neighbors.device import GPU_MAX_K, parse_device
+from raycollapse.neighbors.distances import rerank_exact, sort_rows
 from raycollapse.neighbors.partitioned import (
     Partition,
     build_partition,
     default_n_lists,
     partitioned_candidates,
 )
+from raycollapse.neighbors.threads import faiss_threads
 from raycollapse.neighbors.validate import as_features, check_k
 
 __all__ = [
@@ -39,19 +40,15 @@ __all__ = [
     "KnnMethod",
     "KnnResult",
     "drop_self",
-    "faiss_has_gpu",
     "knn_search",
     "knn_self",
     "merge_topk",
-    "pair_distances",
 ]
 
 # FAISS ranks candidates with float32 distances that carry rounding error. We ask it for this
 # many extra candidates, recompute all distances exactly and keep the best k, so that near-ties
 # and groups of exact duplicates are ranked by the exact distance (then by index).
 _RERANK_PAD = 8
-# FAISS GPU flat indexes return at most this many neighbours per query.
-_GPU_MAX_K = 2048
 
 KnnMethod = Literal["auto", "flat", "partitioned"]
 # method="auto" prunes with partitions (neighbors/partitioned.py) from this many rows on (below,
@@ -66,37 +63,19 @@ class KnnResult:
     """Neighbours of ``nq`` queries: row q lists its k neighbours, nearest first.
 
     ``distances``: (nq, k) float64 exact Euclidean distances, ascending along each row (ties
-    ordered by index). ``indices``: (nq, k) int64 row numbers in the database.
+    ordered by index). ``indices``: (nq, k) int64 row numbers in the database. ``pair_share``:
+    share of the ``nq x N`` query-row distances the search computed, 1.0 for a flat search and
+    less when partition pruning skipped rows (None where not measured, e.g. merged shards).
     """
 
     distances: np.ndarray
     indices: np.ndarray
+    pair_share: float | None = None
 
     @property
     def k(self) -> int:
         """Number of neighbours per query."""
         return int(self.distances.shape[1])
-
-
-def faiss_has_gpu() -> bool:
-    """True when the installed FAISS is the GPU build (``faiss-gpu``)."""
-    return hasattr(faiss, "StandardGpuResources")
-
-
-@contextmanager
-def _faiss_threads(threads: int | None) -> Iterator[None]:
-    """Run the body with ``faiss.omp_set_num_threads(threads)``; None leaves FAISS defaults."""
-    if threads is None:
-        yield
-        return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise UserInputError(f"threads must be a positive integer or None, got {threads!r}")
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
 
 
 def _check_batch_size(batch_size: int) -> int:
@@ -105,39 +84,14 @@ def _check_batch_size(batch_size: int) -> int:
     return batch_size
 
 
-def _parse_device(device: str) -> int | None:
-    """None for the CPU, else the CUDA device number. Raises when the GPU build is missing."""
-    if device == "cpu":
-        return None
-    if not isinstance(device, str) or not (device == "cuda" or device.startswith("cuda:")):
-        raise UserInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if not faiss_has_gpu():
-        raise UserInputError(
-            f"device={device!r} needs the GPU build of FAISS, but faiss-gpu is not installed "
-            "(this is faiss-cpu); install faiss-gpu on the GPU nodes or use device='cpu'"
-        )
-    gpu = int(device.split(":", 1)[1]) if ":" in device else 0
-    available = faiss.get_num_gpus()
-    if gpu >= available:
-        raise UserInputError(
-            f"device={device!r} but FAISS sees {available} GPU(s); use a visible GPU or 'cpu'"
-        )
-    return gpu
-
-
 def _check_search_k(k: int, ntotal: int, *, gpu: bool) -> int:
     """Validate the neighbour count of a search in ``ntotal`` database rows."""
     if ntotal == 0:
         raise UserInputError("the index is empty; add vectors before searching")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise UserInputError(f"k must be a positive integer, got {k!r}; raise --k")
-    if k > ntotal:
+    k = check_k(k, ntotal, what="database points", self_excluded=False)
+    if gpu and k > GPU_MAX_K:  # pragma: no cover - GPU only
         raise UserInputError(
-            f"k must be <= number of database points N={ntotal}, got {k}; lower --k"
-        )
-    if gpu and k > _GPU_MAX_K:  # pragma: no cover - GPU only
-        raise UserInputError(
-            f"k={k} exceeds the FAISS GPU limit of {_GPU_MAX_K}; lower --k or use 'cpu'"
+            f"k={k} exceeds the FAISS GPU limit of {GPU_MAX_K}; lower --k or use 'cpu'"
         )
     return int(k)
 
@@ -157,7 +111,7 @@ class ExactIndex:
     """Exact Euclidean index over float32 vectors (a FAISS ``IndexFlatL2``, CPU or GPU).
 
     Its rows are numbered 0..ntotal-1 in the order added. ``search`` returns exact float64
-    distances (recomputed from the stored float32 rows, see :func:`pair_distances`).
+    distances (recomputed from the stored float32 rows, see :func:`~raycollapse.neighbors.distances.pair_distances`).
 
     ``method``: ``'flat'`` compares every query with every row; ``'partitioned'`` skips the
     rows the triangle inequality rules out (:mod:`raycollapse.neighbors.partitioned`, CPU only:
@@ -182,7 +136,7 @@ class ExactIndex:
         self.threads = threads
         self.method = _check_method(method, device)
         self._partition: Partition | None = None
-        gpu = _parse_device(device)
+        gpu = parse_device(device)
         self._gpu_resources = None
         # Host copies of the rows, only where FAISS's own storage cannot be viewed (GPU).
         self._host_chunks: list[np.ndarray] | None = None
@@ -209,7 +163,7 @@ class ExactIndex:
                 f"vectors added to the index have {x.shape[1]} features but the index has "
                 f"d={self.d}; embed all points with the same feature extractor"
             )
-        with _faiss_threads(self.threads):
+        with faiss_threads(self.threads):
             self._index.add(x)
         self._partition = None
         if self._host_chunks is not None:  # pragma: no cover - GPU only
@@ -262,14 +216,14 @@ class ExactIndex:
         need = k if query_ids is None else k + 1
         n_fetch = min(need + _RERANK_PAD, self.ntotal)
         if self._gpu is not None:  # pragma: no cover - GPU only
-            n_fetch = min(n_fetch, _GPU_MAX_K)
+            n_fetch = min(n_fetch, GPU_MAX_K)
         if self._prunes(q.shape[0]):
             return self._search_partitioned(q, k, need, n_fetch, batch_size, query_ids)
         data = self.data()
         nq = q.shape[0]
         out_d = np.empty((nq, k), dtype=np.float64)
         out_i = np.empty((nq, k), dtype=np.int64)
-        with _faiss_threads(self.threads):
+        with faiss_threads(self.threads):
             for start in range(0, nq, batch_size):
                 qb = q[start : start + batch_size]
                 _, cand = self._index.search(qb, n_fetch)
@@ -279,7 +233,7 @@ class ExactIndex:
                     dist, cand = res.distances, res.indices
                 out_d[start : start + qb.shape[0]] = dist[:, :k]
                 out_i[start : start + qb.shape[0]] = cand[:, :k]
-        return KnnResult(out_d, out_i)
+        return KnnResult(out_d, out_i, pair_share=1.0)
 
     def _prunes(self, n_queries: int) -> bool:
         """Whether a search of ``n_queries`` queries goes through the partition."""
@@ -306,7 +260,7 @@ class ExactIndex:
 
     def _get_partition(self) -> Partition:
         if self._partition is None:
-            with _faiss_threads(self.threads):
+            with faiss_threads(self.threads):
                 self._partition = build_partition(self.data(), default_n_lists(self.ntotal))
         return self._partition
 
@@ -320,13 +274,15 @@ class ExactIndex:
         query_ids: np.ndarray | None,
     ) -> KnnResult:
         partition = self._get_partition()
-        with _faiss_threads(self.threads):
-            dist, idx, _ = partitioned_candidates(
+        with faiss_threads(self.threads):
+            dist, idx, stats = partitioned_candidates(
                 self.data(), q, need, n_fetch, partition=partition, batch_size=batch_size
             )
         if query_ids is not None:
-            return drop_self(KnnResult(dist, idx), query_ids, k)
-        return KnnResult(np.ascontiguousarray(dist[:, :k]), np.ascontiguousarray(idx[:, :k]))
+            return drop_self(KnnResult(dist, idx, stats.pair_share), query_ids, k)
+        return KnnResult(
+            np.ascontiguousarray(dist[:, :k]), np.ascontiguousarray(idx[:, :k]), stats.pair_share
+        )
 
 
 def drop_self(result: KnnResult, query_ids: np.ndarray, k: int) -> KnnResult:
@@ -350,6 +306,7 @@ def drop_self(result: KnnResult, query_ids: np.ndarray, k: int) -> KnnResult:
     return KnnResult(
         np.take_along_axis(result.distances, order, axis=1),
         np.take_along_axis(result.indices, order, axis=1),
+        result.pair_share,
     )
 
 
@@ -398,7 +355,7 @@ def knn_search(
 ) -> KnnResult:
     """The ``k`` nearest ``database`` rows of each ``queries`` row (exact Euclidean).
 
-    Distances are exact float64 (see :func:`pair_distances`), rows sorted by (distance, index).
+    Distances are exact float64 (see :func:`~raycollapse.neighbors.distances.pair_distances`), rows sorted by (distance, index).
     Queries are searched ``batch_size`` rows at a time. ``threads`` sets FAISS's OpenMP threads
     for the call (None: FAISS default). ``device='cuda'`` uses a FAISS GPU index and raises
     UserInputError when faiss-gpu is not installed (no silent CPU fallback). ``method``: see
@@ -429,7 +386,7 @@ def knn_self(
     x = as_features(x, "features")
     k = check_k(k, x.shape[0])
     index = ExactIndex(x.shape[1], device=device, threads=threads, method=method)
-    if index._gpu is not None and k + 1 > _GPU_MAX_K:  # pragma: no cover - GPU only
+    if index._gpu is not None and k + 1 > GPU_MAX_K:  # pragma: no cover - GPU only
         raise UserInputError(f"k={k} exceeds the FAISS GPU limit; lower --k or use 'cpu'")
     index.add(x)
     return index._search(

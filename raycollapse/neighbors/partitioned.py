@@ -31,19 +31,26 @@ trying; the cost is then the flat search plus the partition overhead (up to ~10%
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
 from raycollapse.neighbors.distances import pair_distances, rerank_exact, sort_rows
-from raycollapse.neighbors.threads import blas_single_threaded, faiss_single_threaded
+from raycollapse.neighbors.threads import (
+    blas_single_threaded,
+    faiss_blas_distances,
+    faiss_threads,
+)
 
-__all__ = ["Partition", "build_partition", "default_n_lists", "partitioned_candidates"]
+__all__ = [
+    "Partition",
+    "PruneStats",
+    "build_partition",
+    "default_n_lists",
+    "partitioned_candidates",
+]
 
 # k-means training rows per list; FAISS warns below 39.
 _TRAIN_PER_LIST = 64
@@ -83,34 +90,17 @@ class Partition:
         return np.diff(self.bounds)
 
 
-_blas_lock = threading.Lock()
-_blas_users = 0
-_blas_saved = 0
+@dataclass(frozen=True)
+class PruneStats:
+    """How much work a partitioned search did.
 
-
-@contextmanager
-def _blas_distances() -> Iterator[None]:
-    """FAISS computes distances by BLAS matrix products for every query block in the body.
-
-    Its default switches to BLAS only from 128,000 queries (FAISS 1.15); the group blocks here
-    (hundreds of queries against thousands of rows) run about twice as fast through BLAS, and
-    centring plus the exact re-ranking remove the precision the direct path would add. The
-    setting is process-global: it is counted, so overlapping searches on several threads
-    restore FAISS's own value only when the last one ends.
+    ``flat_queries``: queries searched flat because pruning would not pay off for their group;
+    ``pair_share``: share of the ``queries x rows`` distances FAISS computed (1.0 = a flat
+    search; on clustered data a small fraction).
     """
-    global _blas_users, _blas_saved
-    with _blas_lock:
-        if _blas_users == 0:
-            _blas_saved = faiss.cvar.distance_compute_blas_threshold
-            faiss.cvar.distance_compute_blas_threshold = 1
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0:
-                faiss.cvar.distance_compute_blas_threshold = _blas_saved
+
+    flat_queries: int
+    pair_share: float
 
 
 def default_n_lists(n: int) -> int:
@@ -170,7 +160,7 @@ class _GroupSearch:
 
     def centroid_distances(self, a: int) -> np.ndarray:
         """(C,) exact distances from centroid a to every centroid."""
-        return pair_distances(np.broadcast_to(self.part.centroids[a], self.c64.shape), self.c64)
+        return pair_distances(self.c64, self.part.centroids[a])
 
     def to_centroids(self, q: np.ndarray, centre: np.ndarray, lists: np.ndarray) -> np.ndarray:
         """(m, len(lists)): lower bounds of ``||q - c_b||``, exact distance minus a slack that
@@ -204,24 +194,26 @@ class _GroupSearch:
 
 def _search_group(
     gs: _GroupSearch, q: np.ndarray, g: int, n_need: int, n_fetch: int, max_rows: float
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Neighbour candidates of the queries ``q`` of group g, or None when pruning leaves more
-    than ``max_rows`` database rows to search (then a flat search is cheaper)."""
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Neighbour candidates of the queries ``q`` of group g and the number of (query, row)
+    distances computed, or None when pruning leaves more than ``max_rows`` database rows to
+    search (then a flat search is cheaper)."""
     part, bounds, counts, radius = gs.part, gs.part.bounds, gs.part.counts, gs.part.radius
     centre = part.centroids[g]
     c_dist = gs.centroid_distances(g)
     by_bound = np.argsort(c_dist - radius, kind="stable")
     first = by_bound[: int(np.searchsorted(np.cumsum(counts[by_bound]), n_fetch)) + 1]
     dist, idx = gs.search(q, bounds[first], bounds[first + 1], n_fetch, centre)
+    pairs = len(q) * int(counts[first].sum())
     tau = dist[:, n_need - 1]
     # One cheap bound for the whole group first: for q within `reach` of c_g and p in list b,
     # ||q - p|| >= ||c_g - c_b|| - ||q - c_g|| - r_b (triangle inequality twice).
-    reach = float(pair_distances(q, np.broadcast_to(centre, q.shape)).max())
+    reach = float(pair_distances(q, centre).max())
     group_bound = c_dist - reach - radius - _BOUND_SLACK * (c_dist + reach + radius)
     maybe = np.flatnonzero(group_bound <= tau.max())
     maybe = maybe[~np.isin(maybe, first)]
     if maybe.size == 0:
-        return dist, idx
+        return dist, idx, pairs
     # Per query and row: ||q - p|| >= ||q - c_b|| - rho_p, so row p of list b can be within
     # tau_q of q only if rho_p >= ||q - c_b|| - tau_q: a suffix of the list (rows sorted by rho).
     need = gs.to_centroids(q, centre, maybe) - tau[:, None]
@@ -244,7 +236,8 @@ def _search_group(
         merged_d, merged_i = sort_rows(np.hstack([dist[sub], d2]), np.hstack([idx[sub], i2]))
         dist[sub] = merged_d[:, :n_fetch]
         idx[sub] = merged_i[:, :n_fetch]
-    return dist, idx
+        pairs += sub.size * int((ends - starts).sum())
+    return dist, idx, pairs
 
 
 def partitioned_candidates(
@@ -258,14 +251,14 @@ def partitioned_candidates(
     seed: int = 0,
     flat_fraction: float = 0.5,
     batch_size: int = 4096,
-) -> tuple[np.ndarray, np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray, PruneStats]:
     """The ``n_fetch`` nearest ``data`` rows of every query, exact, by partition pruning.
 
     ``n_need <= n_fetch <= N``: pruning keeps every row that can be among a query's ``n_need``
     nearest (the extra ``n_fetch - n_need`` candidates absorb FAISS's float32 ranking error, as
-    in the flat search). Returns ``(distances, indices, n_flat)``: (nq, n_fetch) float64 exact
-    distances and int64 row numbers, rows sorted by (distance, index), and the number of
-    queries that were searched flat because pruning would not pay off for their group.
+    in the flat search). Returns ``(distances, indices, stats)``: (nq, n_fetch) float64 exact
+    distances and int64 row numbers, rows sorted by (distance, index), and the work done
+    (:class:`PruneStats`).
     ``partition``: one built before by :func:`build_partition` from the same ``data`` (an index
     searched many times builds it once); else one with ``n_lists`` lists (default
     :func:`default_n_lists`) is built here, k-means seeded with ``seed``.
@@ -291,15 +284,15 @@ def partitioned_candidates(
     out_i = np.empty((nq, n_fetch), dtype=np.int64)
     flat: list[np.ndarray] = []
 
-    def run(g: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    def run(g: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, int] | None]:
         rows = q_order[q_bounds[g] : q_bounds[g + 1]]
-        with faiss_single_threaded():
+        with faiss_threads(1):
             found = _search_group(gs, queries[rows], g, n_need, n_fetch, flat_fraction * n)
         return rows, found
 
     todo = [g for g in range(n_groups) if q_bounds[g + 1] > q_bounds[g]]
-    seen = n_flat = 0
-    with blas_single_threaded() as workers, _blas_distances():
+    seen = n_flat = pairs = 0
+    with blas_single_threaded() as workers, faiss_blas_distances():
         with ThreadPoolExecutor(max_workers=workers) as pool:
             # Waves, so that pruning is abandoned early on data where it does not pay.
             wave = max(4 * workers, 1)
@@ -315,11 +308,13 @@ def partitioned_candidates(
                         flat.append(rows)
                         n_flat += rows.size
                     else:
-                        out_d[rows], out_i[rows] = found
+                        out_d[rows], out_i[rows], group_pairs = found
+                        pairs += group_pairs
     if flat:
         rows = np.sort(np.concatenate(flat))
         for s in range(0, rows.size, batch_size):
             r = rows[s : s + batch_size]
             _, nn = faiss.knn(queries[r], data, n_fetch)
             out_d[r], out_i[r] = rerank_exact(queries[r], data, nn)
-    return out_d, out_i, n_flat
+    pairs += n_flat * n
+    return out_d, out_i, PruneStats(n_flat, pairs / (nq * n) if nq else 1.0)

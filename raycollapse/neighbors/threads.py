@@ -1,4 +1,5 @@
-"""Thread control for the core's many small matrix products (BLAS and FAISS's OpenMP).
+"""Thread control for the core's matrix products: BLAS threads, FAISS's OpenMP threads and
+FAISS's choice of distance kernel. Every such setting in raycollapse goes through this module.
 
 Multi-threaded OpenBLAS and OpenMP teams spin-wait at every call; with thousands of small
 products per search they stall, worst when a core is shared. The core therefore runs such loops
@@ -9,11 +10,14 @@ FAISS release the GIL).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import faiss
 
-__all__ = ["blas_single_threaded", "faiss_single_threaded"]
+from raycollapse.errors import UserInputError
+
+__all__ = ["blas_single_threaded", "faiss_blas_distances", "faiss_threads"]
 
 
 @contextlib.contextmanager
@@ -42,15 +46,51 @@ def blas_single_threaded() -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def faiss_single_threaded() -> Iterator[None]:
-    """FAISS calls from this thread use one OpenMP thread inside the block.
+def faiss_threads(threads: int | None) -> Iterator[None]:
+    """FAISS calls from this thread use ``threads`` OpenMP threads inside the block (None: leave
+    FAISS's setting). Raises ``UserInputError`` for a count that is not a positive integer.
 
     OpenMP's thread count is per calling thread, so worker threads that each run small FAISS
-    searches call this once and do not disturb the caller's setting.
+    searches (``faiss_threads(1)``) do not disturb the caller's setting.
     """
+    if threads is None:
+        yield
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserInputError(f"threads must be a positive integer or None, got {threads!r}")
     previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
+    faiss.omp_set_num_threads(threads)
     try:
         yield
     finally:
         faiss.omp_set_num_threads(previous)
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_saved = 0
+
+
+@contextlib.contextmanager
+def faiss_blas_distances() -> Iterator[None]:
+    """FAISS computes distances by BLAS matrix products for every query block in the body.
+
+    Its default switches to BLAS only from 128,000 queries (FAISS 1.15); the partitioned
+    search's group blocks (hundreds of queries against thousands of rows) run about twice as
+    fast through BLAS, and centring plus the exact re-ranking remove the precision the direct
+    path would add. The setting is process-global: it is counted, so overlapping searches on
+    several threads restore FAISS's own value only when the last one ends.
+    """
+    global _blas_users, _blas_saved
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_saved = faiss.cvar.distance_compute_blas_threshold
+            faiss.cvar.distance_compute_blas_threshold = 1
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                faiss.cvar.distance_compute_blas_threshold = _blas_saved

@@ -1,4 +1,4 @@
-"""Validation of feature arrays and neighbour counts, shared by all core code.
+"""Validation of feature arrays, distance arrays and neighbour counts, shared by all core code.
 
 Every failure raises :class:`raycollapse.errors.UserInputError` with a message that names the
 offending argument, says what is wrong (shape, row index, value) and how to fix it.
@@ -13,7 +13,7 @@ import numpy as np
 
 from raycollapse.errors import UserInputError
 
-__all__ = ["as_features", "check_k"]
+__all__ = ["as_distances", "as_features", "check_k", "check_same_dim"]
 
 
 def as_features(x: Any, name: str = "features", *, min_rows: int = 2) -> np.ndarray:
@@ -77,17 +77,56 @@ def _check_finite(arr: np.ndarray, name: str, what: str) -> None:
     )
 
 
-def check_k(k: Any, n: int) -> int:
-    """Check that ``k`` is a valid neighbour count for ``n`` points: an integer, 1 <= k < n.
+def check_k(
+    k: Any,
+    n: int,
+    *,
+    what: str = "points",
+    hint: str = "the paper uses k=3",
+    self_excluded: bool = True,
+) -> int:
+    """Check that ``k`` is a valid neighbour count among ``n`` ``what``: an integer, 1 <= k < n.
 
     Returns ``k`` as a Python int. ``k < n`` because the k-th neighbour of a point excludes the
-    point itself, so at most ``n - 1`` neighbours exist.
+    point itself, so at most ``n - 1`` neighbours exist; ``self_excluded=False`` (queries
+    searched in a database of ``n`` rows) allows ``k = n``. ``hint`` says what k usually is.
     """
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise UserInputError(f"k must be an integer, got {k!r}; pass e.g. --k 3")
     k = int(k)
     if k < 1:
-        raise UserInputError(f"k must be >= 1, got {k}; raise --k (the paper uses k=3)")
-    if k >= n:
-        raise UserInputError(f"k must be < number of points N={n}, got {k}; lower --k")
+        raise UserInputError(f"k must be >= 1, got {k}; raise --k ({hint})")
+    if self_excluded and k >= n:
+        raise UserInputError(f"k must be < number of {what} N={n}, got {k}; lower --k")
+    if k > n:
+        raise UserInputError(f"k must be <= number of {what} N={n}, got {k}; lower --k")
     return k
+
+
+def check_same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+    """Raise UserInputError when feature sets ``a`` and ``b`` differ in dimension."""
+    if a.shape[1] != b.shape[1]:
+        raise UserInputError(
+            f"{name_a} have {a.shape[1]} features but {name_b} have {b.shape[1]}; embed both "
+            "with the same feature extractor"
+        )
+
+
+def as_distances(values: Any, name: str) -> np.ndarray:
+    """Return ``values`` as a non-empty 1-D float64 array of finite distances >= 0, or raise
+    UserInputError naming ``name``, the count of bad entries and the first one."""
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise UserInputError(f"{name} must be a 1-D array of distances ({exc})") from exc
+    if arr.ndim != 1 or arr.size == 0:
+        raise UserInputError(
+            f"{name} must be a non-empty 1-D array of distances, got shape {arr.shape}"
+        )
+    bad = ~np.isfinite(arr) | (arr < 0)
+    if bad.any():
+        raise UserInputError(
+            f"{name} holds {int(bad.sum())} negative or non-finite distances (first at index "
+            f"{int(np.flatnonzero(bad)[0])}); distances must be finite and >= 0"
+        )
+    return arr

@@ -1,105 +1,27 @@
-"""Sample-quality and memorization metrics on feature arrays, built on exact kNN.
+"""Distribution metrics on feature arrays: feature statistics, the Fréchet distance between
+Gaussian fits (FD; FID when the features are Inception's) and precision, recall, density and
+coverage (Naeem et al., "Reliable Fidelity and Diversity Metrics for Generative Models", ICML
+2020; reference code: clovaai/generative-evaluation-prdc).
 
-- Generalization score and memorized fraction: DESIGN.md "Definitions" (Shi et al., NeurIPS
-  2025, arXiv 2509.16499).
-- Fréchet distance between Gaussian fits (FD; FID when the features are Inception's).
-- Precision, recall, density, coverage: Naeem et al., "Reliable Fidelity and Diversity Metrics
-  for Generative Models", ICML 2020 (reference code: clovaai/generative-evaluation-prdc).
-
-All distances are Euclidean. Pure ``*_from_*`` variants take precomputed distances or
-statistics, for the sharded Ray path.
+All distances are Euclidean. :func:`frechet_from_stats` takes precomputed statistics, for the
+sharded Ray path.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
 
 from raycollapse.errors import UserInputError
-from raycollapse.neighbors.knn import knn_search, knn_self, pair_distances
-from raycollapse.neighbors.validate import as_features
+from raycollapse.neighbors.distances import pair_distances
+from raycollapse.neighbors.knn import knn_search, knn_self
+from raycollapse.neighbors.validate import as_features, check_k, check_same_dim
 
-__all__ = [
-    "feature_stats",
-    "frechet_distance",
-    "frechet_from_stats",
-    "generalization_from_distances",
-    "generalization_score",
-    "memorized_fraction",
-    "memorized_from_distances",
-    "prdc",
-]
+__all__ = ["feature_stats", "frechet_distance", "frechet_from_stats", "prdc"]
 
 # Entries per distance tile in prdc: each tile holds a few float64 arrays of this many entries
 # (~8 MiB each), whatever the number of real and fake samples.
 _TILE_ENTRIES = 2**20
 _EPS64 = float(np.finfo(np.float64).eps)
-
-
-def _same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
-    if a.shape[1] != b.shape[1]:
-        raise UserInputError(
-            f"{name_a} have {a.shape[1]} features but {name_b} have {b.shape[1]}; embed both "
-            "with the same feature extractor"
-        )
-
-
-def _distances_1d(values: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != 1 or arr.size == 0:
-        raise UserInputError(f"{name} must be a non-empty 1-D array, got shape {arr.shape}")
-    bad = ~np.isfinite(arr) | (arr < 0)
-    if bad.any():
-        raise UserInputError(
-            f"{name} holds {int(bad.sum())} negative or non-finite distances (first at index "
-            f"{int(np.flatnonzero(bad)[0])}); distances must be finite and >= 0"
-        )
-    return arr
-
-
-# --- generalization / memorization ----------------------------------------------------------
-
-
-def generalization_from_distances(d1: np.ndarray) -> float:
-    """Mean of ``d1``, each generated sample's distance to its nearest training sample."""
-    return float(_distances_1d(d1, "d1").mean())
-
-
-def generalization_score(generated: np.ndarray, train: np.ndarray) -> float:
-    """Average minimum distance: mean over ``generated`` rows of the Euclidean distance to the
-    nearest ``train`` row (the paper's generalization score; higher = less copying)."""
-    gen = as_features(generated, "generated", min_rows=1)
-    tr = as_features(train, "train", min_rows=1)
-    _same_dim(gen, tr, "generated", "train")
-    return generalization_from_distances(knn_search(tr, gen, 1).distances[:, 0])
-
-
-def memorized_from_distances(d1: np.ndarray, d2: np.ndarray, ratio: float = 1 / 3) -> float:
-    """Share of samples with ``d1 < ratio * d2`` (strict), from nearest and second-nearest
-    training distances. A sample equal to two identical training rows (d1 = d2 = 0) does not
-    count: the rule compares it with the second copy, which is as close."""
-    d1 = _distances_1d(d1, "d1")
-    d2 = _distances_1d(d2, "d2")
-    if d1.shape != d2.shape:
-        raise UserInputError(f"d1 and d2 must have the same shape, got {d1.shape} and {d2.shape}")
-    if not (isinstance(ratio, numbers.Real) and 0 < ratio and math.isfinite(ratio)):
-        raise UserInputError(f"ratio must be a positive number, got {ratio!r}; the paper uses 1/3")
-    return float(np.mean(d1 < ratio * d2))
-
-
-def memorized_fraction(generated: np.ndarray, train: np.ndarray, ratio: float = 1 / 3) -> float:
-    """Share of ``generated`` rows whose nearest ``train`` row is much closer than the second
-    nearest: d1 < ratio * d2 (DESIGN.md: d1 < d2 / 3). Needs at least 2 training rows."""
-    gen = as_features(generated, "generated", min_rows=1)
-    tr = as_features(train, "train")
-    _same_dim(gen, tr, "generated", "train")
-    res = knn_search(tr, gen, 2)
-    return memorized_from_distances(res.distances[:, 0], res.distances[:, 1], ratio)
-
-
-# --- Fréchet distance ------------------------------------------------------------------------
 
 
 def feature_stats(x: np.ndarray, *, chunk_rows: int = 8192) -> tuple[np.ndarray, np.ndarray]:
@@ -172,11 +94,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     features). See :func:`frechet_from_stats`."""
     a = as_features(a, "first feature set")
     b = as_features(b, "second feature set")
-    _same_dim(a, b, "first feature set", "second feature set")
+    check_same_dim(a, b, "first feature set", "second feature set")
     return frechet_from_stats(*feature_stats(a), *feature_stats(b))
-
-
-# --- precision / recall / density / coverage -------------------------------------------------
 
 
 def _ball_counts(points: np.ndarray, centers: np.ndarray, radii: np.ndarray) -> np.ndarray:
@@ -229,20 +148,14 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
     Strict ``<`` everywhere, as in the authors' reference code (``distance < radii`` for
     precision, recall and density, ``nearest < radii`` for coverage); ``<`` and ``<=`` differ
     only on exact ties (e.g. discrete data). Distances are exact float64 (see
-    :func:`~raycollapse.neighbors.knn.pair_distances`). Memory: no N x M matrix; kNN in query
+    :func:`~raycollapse.neighbors.distances.pair_distances`). Memory: no N x M matrix; kNN in query
     batches plus distance tiles of ~2^20 entries. Time O(N M d), like the reference.
     """
     real = as_features(real, "real")
     fake = as_features(fake, "fake")
-    _same_dim(real, fake, "real", "fake")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise UserInputError(f"k must be an integer >= 1, got {k!r}; Naeem et al. use k=5")
-    k = int(k)
+    check_same_dim(real, fake, "real", "fake")
     for name, arr in (("real", real), ("fake", fake)):
-        if k >= arr.shape[0]:
-            raise UserInputError(
-                f"k must be < number of {name} points N={arr.shape[0]}, got {k}; lower --k"
-            )
+        k = check_k(k, arr.shape[0], what=f"{name} points", hint="Naeem et al. use k=5")
     real_radii = knn_self(real, k).distances[:, k - 1]
     fake_radii = knn_self(fake, k).distances[:, k - 1]
     fake_in_real_balls = _ball_counts(fake, real, real_radii)
