@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raycollapse.diffusion.checkpoint import load_training_state, save_training_state
 from raycollapse.diffusion.sampling import diffusion_loss, images_to_tensor
 from raycollapse.diffusion.train_parts import (
     EMA,
@@ -263,8 +264,6 @@ def state_file(
     ``identity`` (steps, batch size, data size, seed, ...) is saved with the state; a file of
     another run is refused. The final state is not written: the caller saves the model instead.
     """
-    from raycollapse.diffusion.checkpoint import load_training_state, save_training_state
-
     resume = None
     if os.path.exists(path):
         resume = load_training_state(path)

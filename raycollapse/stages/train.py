@@ -79,6 +79,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
         save_training_state,
     )
     from raycollapse.diffusion.sampling import make_scheduler
+    from raycollapse.diffusion.train_parts import unwrap_model
     from raycollapse.diffusion.trainer import RANK_KEYS, TrainingDiverged, TrainState, train_loop
     from raycollapse.diffusion.unet import build_unet
 
@@ -126,7 +127,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
                     )  # training is over: the saved model holds the EMA weights
                     meta = {**config["meta"], "steps": steps, "workers": world, "data": config["data_info"],
                             "train": tc, "diffusion": diff}  # fmt: skip
-                    save_checkpoint(Path(d) / MODEL_DIR, getattr(model, "module", model), scheduler,
+                    save_checkpoint(Path(d) / MODEL_DIR, unwrap_model(model), scheduler,
                                     meta, config_yaml=config["yaml"])  # fmt: skip
             metrics = {
                 "step": state.step,
