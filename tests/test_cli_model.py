@@ -9,6 +9,10 @@ import torch
 from PIL import Image
 
 from raycollapse.cli.main import main
+from raycollapse.config import load_config
+from raycollapse.data.records import load_records
+from raycollapse.diffusion.checkpoint import load_checkpoint
+from raycollapse.diffusion.trainer import train_loop
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores oversubscribe: up to 40x slower
 
@@ -67,11 +71,22 @@ def test_generate_formats_and_batch_size_invariance(trained, tmp_path, capsys):
 
 
 def test_generate_guided_with_labels(trained, tmp_path):
+    """Labels are honoured (same label: same images, another label: others), and guidance 0 is
+    the unconditional model, so the label no longer matters."""
     ckpt = str(trained["cond"] / "checkpoint")
-    out = tmp_path / "g.npy"
-    args = [ckpt, "sample.group_size=4", "--n", "4", "--steps", "2", "--out", str(out)]
-    assert main(["generate", *args, "--guidance", "2", "--label", "7"]) == 0
-    assert np.load(out).shape == (4, 8, 8, 1)
+
+    def generate(name, guidance, label):
+        out = tmp_path / f"{name}.npy"
+        args = [ckpt, "sample.group_size=4", "--n", "4", "--steps", "2", "--seed", "1"]
+        cmd = ["generate", *args, "--out", str(out), "--guidance", guidance, "--label", label]
+        assert main(cmd) == 0
+        return np.load(out)
+
+    g7, g7_again, g3 = generate("a", "2", "7"), generate("b", "2", "7"), generate("c", "2", "3")
+    assert g7.shape == (4, 8, 8, 1)
+    assert np.array_equal(g7, g7_again) and not np.array_equal(g7, g3)
+    z7, z3 = generate("d", "0", "7"), generate("e", "0", "3")
+    assert np.array_equal(z7, z3) and not np.array_equal(z7, g7)
 
 
 @pytest.mark.parametrize(
@@ -141,29 +156,50 @@ def test_train_refusals(trained, tmp_path, capsys):
     assert "have no label" in capsys.readouterr().err
     assert main(["train", *out, *FAST, "sample.guidance=2"]) == 2  # refused before training
     assert "needs a class-conditional model" in capsys.readouterr().err
+    assert main(["train", *out, *FAST, "train.init=finetune"]) == 2
+    assert "needs train.init_from" in capsys.readouterr().err
+    diff = ["diffusion.num_train_timesteps=500", "train.init=finetune", f"train.init_from={ckpt}"]
+    assert main(["train", *out, *FAST, *diff]) == 2
+    assert "trained with 1000 diffusion steps" in capsys.readouterr().err
     assert not (tmp_path / "o" / "checkpoint").exists()
 
 
-def test_finetune_continues_from_a_checkpoint(trained, tmp_path, capsys):
-    ckpt = str(trained["uncond"] / "checkpoint")
-    capsys.readouterr()
-    assert (
-        main(
-            [
-                "train",
-                "--out",
-                str(tmp_path / "ft"),
-                *FAST,
-                "train.init=finetune",
-                f"train.init_from={ckpt}",
-            ]
-        )
-        == 0
-    )
+def _params(path):
+    return list(load_checkpoint(path).unet.parameters())
+
+
+def _dist(a, b):
+    return sum(((x - y) ** 2).sum().item() for x, y in zip(a, b, strict=True))
+
+
+def test_finetune_starts_from_the_checkpoint(tmp_path, capsys):
+    """The fine-tuned model is the in-process loop started from the base weights, bit for bit,
+    and stays near them: closer to the base than the same steps from scratch."""
+    base = tmp_path / "base"  # initial weights of seed 1: not the scratch model's (seed 0)
+    assert main(["train", "--out", str(base), *FAST, "model.seed=1", "train.sample_grid=0"]) == 0
+    ft_args = ["train.init=finetune", f"train.init_from={base / 'checkpoint'}"]
+    assert main(["train", "--out", str(tmp_path / "ft"), *FAST, *ft_args]) == 0
     assert _json(capsys)["steps"] == 4
+    assert main(["train", "--out", str(tmp_path / "scratch"), *FAST, "train.sample_grid=0"]) == 0
+
+    cfg = load_config(overrides=FAST)
+    t, start = cfg.train, load_checkpoint(base / "checkpoint")
+    ema, _ = train_loop(
+        start.unet, load_records(cfg.data).images, None, noise_scheduler=start.scheduler,
+        steps=t.steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps, ema_decay=t.ema_decay, grad_clip=t.grad_clip, seed=t.seed,
+    )  # fmt: skip
+    ema.copy_to(start.unet)
+    ft, base_w = _params(tmp_path / "ft" / "checkpoint"), _params(base / "checkpoint")
+    assert all(torch.equal(a, b) for a, b in zip(ft, start.unet.parameters(), strict=True))
+    scratch = _params(tmp_path / "scratch" / "checkpoint")
+    assert 0 < _dist(ft, base_w) < _dist(scratch, base_w) / 10
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA refusal")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="needs a machine without CUDA: checks that --gpu / train.use_gpu are refused there",
+)
 def test_gpu_without_cuda_is_refused(trained, tmp_path, capsys):
     ckpt = str(trained["uncond"] / "checkpoint")
     assert main(["generate", ckpt, "--n", "2", "--out", str(tmp_path / "x.npy"), "--gpu"]) == 2

@@ -7,7 +7,6 @@ from raycollapse.diffusion.unet import (
     PRESETS,
     build_unet,
     count_parameters,
-    expected_parameter_count,
     get_spec,
     unet_kwargs,
 )
@@ -23,6 +22,56 @@ REPORTED = {
     "unet64": 28_447_235,
     "unet128": 113_673_219,
 }
+
+
+def expected_parameter_count(
+    preset: str, *, channels: int, class_conditional: bool = False, num_classes: int = 10
+) -> int:
+    """Parameter count computed from the architecture description alone (not from diffusers).
+
+    Checks that the built model is the architecture the preset describes:
+    conv 3x3 = 9·in·out + out; ResNet block = 2 GroupNorms + 2 convs + time projection (+ a 1x1
+    shortcut when widths differ); attention = GroupNorm + q, k, v, out projections with bias;
+    a ``conv`` down/up sampler = one 3x3 conv; the up path concatenates the skip connections.
+    """
+    spec = get_spec(preset)
+    ch, lpb, n = spec.block_out_channels, spec.layers_per_block, len(spec.block_out_channels)
+    temb = 4 * ch[0]
+
+    def conv3(i: int, o: int) -> int:
+        return 9 * i * o + o
+
+    def resnet(i: int, o: int) -> int:
+        shortcut = i * o + o if i != o else 0
+        return 2 * i + conv3(i, o) + (temb * o + o) + 2 * o + conv3(o, o) + shortcut
+
+    def attention(c: int) -> int:
+        return 2 * c + 4 * (c * c + c)
+
+    total = conv3(channels, ch[0])  # conv_in
+    total += (ch[0] * temb + temb) + (temb * temb + temb)  # sinusoidal -> MLP time embedding
+    if class_conditional:
+        total += (num_classes + 1) * temb
+    prev = ch[0]
+    for i, (out, kind) in enumerate(zip(ch, spec.down_block_types, strict=True)):
+        for j in range(lpb):
+            total += resnet(prev if j == 0 else out, out)
+            total += attention(out) if kind.startswith("Attn") else 0
+        total += conv3(out, out) if i < n - 1 else 0  # downsampler
+        prev = out
+    total += 2 * resnet(ch[-1], ch[-1]) + attention(ch[-1])  # mid block
+    rev = ch[::-1]
+    prev_out = rev[0]
+    for i, (out, kind) in enumerate(zip(rev, spec.up_block_types, strict=True)):
+        skip_in = rev[min(i + 1, n - 1)]
+        for j in range(lpb + 1):
+            skip = skip_in if j == lpb else out
+            total += resnet((prev_out if j == 0 else out) + skip, out)
+            total += attention(out) if kind.startswith("Attn") else 0
+        total += conv3(out, out) if i < n - 1 else 0  # upsampler
+        prev_out = out
+    total += 2 * ch[0] + conv3(ch[0], channels)  # output GroupNorm + conv_out
+    return total
 
 
 def _on_meta(preset, resolution, channels, class_conditional=False, num_classes=10):

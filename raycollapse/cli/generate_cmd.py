@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--n and --batch-size must be >= 1, got {sc.n} and {sc.batch_size}.")
     from raycollapse.diffusion.checkpoint import load_checkpoint
     from raycollapse.diffusion.sampling import resolve_labels, sample_images, sampling_scheduler
-    from raycollapse.diffusion.trainer import resolve_device
+    from raycollapse.diffusion.train_parts import resolve_device
 
     device = resolve_device(sc.use_gpu, "sample.use_gpu (--gpu)")
     t0 = time.perf_counter()

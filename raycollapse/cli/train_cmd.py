@@ -11,7 +11,7 @@ Writes, under ``train.out``:
 With ``train.workers=W > 1`` (or ``train.use_gpu=true``) training runs on Ray Train
 (``raycollapse.stages.train``: ``TorchTrainer``, DDP, one Ray Data shard per worker, checkpoints
 every ``train.checkpoint_every`` steps under ``train.out/ray``; re-running resumes from them).
-One worker on a CPU runs in this process: the same core ``train_step``, no Ray start-up.
+One worker on a CPU runs in this process: the same ``train_loop``, no Ray start-up.
 
 Prints one JSON object on stdout (``steps``, ``loss_first``, ``loss_last``, ``images_per_second``,
 ``checkpoint``, ``seconds``, ...); progress goes to stderr.
@@ -52,9 +52,10 @@ def _log(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, {"train.out": args.out, "train.steps": args.steps})
     from raycollapse.data.records import load_records
-    from raycollapse.diffusion.checkpoint import load_checkpoint, model_meta, save_checkpoint
+    from raycollapse.diffusion.checkpoint import load_finetune_base, model_meta, save_checkpoint
     from raycollapse.diffusion.sampling import resolve_labels, sample_images, scheduler_from_config
-    from raycollapse.diffusion.trainer import resolve_device, train_loop
+    from raycollapse.diffusion.train_parts import resolve_device
+    from raycollapse.diffusion.trainer import state_file, train_loop
     from raycollapse.diffusion.unet import build_unet, count_parameters
     from raycollapse.io.grids import save_grid
 
@@ -88,15 +89,10 @@ def run(args: argparse.Namespace) -> int:
     )  # refuse guidance / a bad label before training, not after
     # Build the model first: a preset/resolution mismatch fails before any data is read.
     if tc.init == "finetune":
-        if not tc.init_from:
-            raise UserInputError("train.init=finetune needs train.init_from (a checkpoint folder).")
-        ckpt = load_checkpoint(tc.init_from, expect=meta)
+        ckpt = load_finetune_base(
+            tc.init_from, expect=meta, num_train_timesteps=cfg.diffusion.num_train_timesteps
+        )
         model, scheduler = ckpt.unet, ckpt.scheduler
-        if int(scheduler.config.num_train_timesteps) != cfg.diffusion.num_train_timesteps:
-            raise UserInputError(
-                f"checkpoint '{tc.init_from}' was trained with {scheduler.config.num_train_timesteps} diffusion "
-                f"steps, not diffusion.num_train_timesteps={cfg.diffusion.num_train_timesteps}."
-            )
     else:
         model = build_unet(
             mc.preset, resolution=dc.resolution, channels=dc.channels,
@@ -116,15 +112,23 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     state_path = out / "train_state.pt"
+    identity = {"steps": tc.steps, "batch_size": tc.batch_size, "n": len(records), "seed": tc.seed}
+    resume, save_state = state_file(state_path, identity)
+
+    def log_progress(state) -> None:
+        if tc.log_every > 0 and (state.step % tc.log_every == 0 or state.step == tc.steps):
+            loss = float(np.mean(state.losses[-tc.log_every :]))
+            lr = state.schedule.get_last_lr()[0]
+            _log(f"step {state.step}/{tc.steps} loss {loss:.4f} lr {lr:.2e}")
+
     ema, result = train_loop(
         model, records.images, records.labels if mc.class_conditional else None,
         noise_scheduler=scheduler, steps=tc.steps, batch_size=tc.batch_size, lr=tc.lr,
         weight_decay=tc.weight_decay, warmup_steps=tc.warmup_steps, ema_decay=tc.ema_decay,
         grad_clip=tc.grad_clip, mixed_precision=tc.mixed_precision, seed=tc.seed,
         class_conditional=mc.class_conditional, num_classes=mc.num_classes, label_dropout=mc.label_dropout,
-        device=device, log_every=tc.log_every,
-        log=lambda step, loss, lr: _log(f"step {step}/{tc.steps} loss {loss:.4f} lr {lr:.2e}"),
-        state_path=str(state_path), checkpoint_every=tc.checkpoint_every,
+        device=device, resume=resume, checkpoint=save_state, checkpoint_every=tc.checkpoint_every,
+        callbacks=[log_progress],
     )  # fmt: skip
     ema.copy_to(model)
     model.eval()

@@ -175,6 +175,26 @@ def load_checkpoint(
     return Checkpoint(unet=unet, scheduler=scheduler, meta=meta, path=str(root))
 
 
+def load_finetune_base(
+    folder: str | Path | None, *, expect: dict[str, Any], num_train_timesteps: int
+) -> Checkpoint:
+    """The checkpoint ``train.init=finetune`` starts from, after checking that it can be continued.
+
+    It must be given and exist, match ``expect`` (``model_meta`` of the config) and have been
+    trained with ``num_train_timesteps`` diffusion steps (``diffusion.num_train_timesteps``).
+    """
+    if not folder:
+        raise UserInputError("train.init=finetune needs train.init_from (a checkpoint folder).")
+    ckpt = load_checkpoint(folder, expect=expect)
+    trained_with = int(ckpt.scheduler.config.num_train_timesteps)
+    if trained_with != int(num_train_timesteps):
+        raise UserInputError(
+            f"checkpoint '{folder}' was trained with {trained_with} diffusion steps, not "
+            f"diffusion.num_train_timesteps={num_train_timesteps}."
+        )
+    return ckpt
+
+
 def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
     """Write a training state (tensors, numbers, strings, nested dicts/lists) atomically."""
     target = Path(path)

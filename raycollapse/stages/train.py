@@ -6,10 +6,13 @@
   would then wait for a CPU forever. Each worker reads its shard with
   ``ray.train.get_dataset_shard("train")`` once into memory (the sets are small) and samples
   batches of ``batch_size // workers`` with the core ``IndexStream`` seeded by (seed, rank).
-- DDP through ``ray.train.torch.prepare_model``; the step is the core ``train_step``.
+- DDP through ``ray.train.torch.prepare_model``; the loop is the core ``train_loop`` (the one
+  ``raycollapse train`` runs in-process) with the rank's seed, its share of the batch and the
+  loss averaged over the ranks. With one worker it gives the in-process result bit for bit when
+  seeded with ``rank_seed(seed, 0)``.
 - Every ``checkpoint_every`` steps (and at the end) all ranks call ``ray.train.report`` with a
-  checkpoint folder: rank 0 writes ``train_state.pt`` (model, EMA, optimiser, LR schedule, step,
-  losses), every rank ``rank_<n>.pt`` (its noise generator and index stream); Ray Train merges
+  checkpoint folder: rank 0 writes ``train_state.pt`` (model, EMA, optimiser, LR schedule,
+  gradient scaler, step, losses), every rank ``rank_<n>.pt`` (its noise generator and index stream); Ray Train merges
   them into one folder under ``storage_path/run_name``. Files are ``torch.save`` of plain data,
   read back with ``weights_only=True``. Each rank then waits until Ray Train has committed the
   checkpoint, so a restarted worker group (``FailureConfig(max_failures)``) or a re-run with the
@@ -26,17 +29,15 @@ optimiser, schedule and RNG states are still restored exactly.
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 
 from raycollapse.data.records import Records
@@ -56,47 +57,34 @@ def _rank_file(rank: int) -> str:
     return f"rank_{rank:03d}.pt"
 
 
-def _plain(cfg: Any) -> dict[str, Any]:
-    """The config tree as plain containers (travels to the workers without OmegaConf flags)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, dict):
-        cfg = OmegaConf.create(cfg)
-    elif not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.structured(cfg)  # a Config dataclass
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
 # ---------------------------------------------------------------------------------------------
 # The worker
 
 
 def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """The Ray Train loop (one per worker); rank 0's return value becomes ``Result.return_value``."""
+    """The Ray Train loop (one per worker); rank 0's return value becomes ``Result.return_value``.
+
+    The core ``train_loop`` plus this worker's Ray Train context: rank and world size, its dataset
+    shard, DDP, its seed, the restored checkpoint, and ``ray.train.report`` of checkpoints.
+    """
     import torch
     import torch.distributed as dist
     from ray.train import Checkpoint, CheckpointConsistencyMode
     from ray.train.torch import get_device, prepare_model
 
     from raycollapse.diffusion.checkpoint import (
-        load_checkpoint,
+        load_finetune_base,
         load_training_state,
         save_checkpoint,
         save_training_state,
     )
-    from raycollapse.diffusion.sampling import images_to_tensor, scheduler_from_config
-    from raycollapse.diffusion.trainer import (
-        EMA,
-        IndexStream,
-        autocast_dtype,
-        make_lr_schedule,
-        make_optimizer,
-        train_step,
-    )
+    from raycollapse.diffusion.sampling import make_scheduler
+    from raycollapse.diffusion.train_parts import unwrap_model
+    from raycollapse.diffusion.trainer import RANK_KEYS, TrainingDiverged, TrainState, train_loop
     from raycollapse.diffusion.unet import build_unet
 
     cfg = config["cfg"]
-    tc, mc, dc = cfg["train"], cfg["model"], cfg["data"]
+    tc, mc, dc, diff = cfg["train"], cfg["model"], cfg["data"], cfg["diffusion"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if tc.get("cpu_threads"):
@@ -104,67 +92,51 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     device = get_device() if tc["use_gpu"] else torch.device("cpu")
     _, images, labels = read_shard(ray.train.get_dataset_shard("train"), dc)
     if config["init_from"]:
-        ckpt = load_checkpoint(config["init_from"], expect=config["meta"])
+        ckpt = load_finetune_base(config["init_from"], expect=config["meta"],
+                                  num_train_timesteps=diff["num_train_timesteps"])  # fmt: skip
         model, scheduler = ckpt.unet, ckpt.scheduler
     else:
         model = build_unet(mc["preset"], resolution=dc["resolution"], channels=dc["channels"],
                            class_conditional=mc["class_conditional"], num_classes=mc["num_classes"], seed=mc["seed"])  # fmt: skip
-        scheduler = scheduler_from_config(_Section(cfg["diffusion"]))
+        scheduler = make_scheduler(diff["num_train_timesteps"], diff["beta_start"], diff["beta_end"],
+                                   diff["beta_schedule"])  # fmt: skip
     model = prepare_model(model, move_to_device=device)
-    base = getattr(model, "module", model)
-    cond = bool(mc["class_conditional"])
-    steps, per_worker = int(tc["steps"]), int(tc["batch_size"]) // world
-    optimizer = make_optimizer(model, tc["lr"], tc["weight_decay"])
-    schedule = make_lr_schedule(optimizer, tc["warmup_steps"], steps)
-    ema = EMA(model, tc["ema_decay"])
-    amp = autocast_dtype(tc["mixed_precision"], device)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    gen = torch.Generator(device=device).manual_seed(rank_seed(tc["seed"], rank))
-    stream = IndexStream(len(images), rank_seed(tc["seed"], rank))
-    losses: list[float] = []
-    first = 0
+    resume = None
     ckpt_in = ray.train.get_checkpoint()
     if ckpt_in is not None:
         with ckpt_in.as_directory() as d:
-            state = load_training_state(Path(d) / STATE_FILE)
-            base.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            losses, first = [float(x) for x in state["losses"]], int(state["step"])
+            resume = load_training_state(Path(d) / STATE_FILE)
             if (Path(d) / _rank_file(rank)).exists():  # absent if the worker count changed
-                mine = load_training_state(Path(d) / _rank_file(rank))
-                gen.set_state(mine["generator"])
-                stream.rng.bit_generator.state = mine["stream_rng"]
-                stream.buffer = mine["stream_buffer"].numpy()
-    data = images_to_tensor(images, device)
-    label_t = torch.as_tensor(labels, dtype=torch.long, device=device) if cond else None
-    every = int(tc["checkpoint_every"])
-    fail_step, fail_marker = config["fail_once_at"] or (None, None)
+                resume.update(load_training_state(Path(d) / _rank_file(rank)))
 
-    def report(step: int, final: bool) -> None:
+    def all_reduce_mean(loss: float) -> float:
+        t = torch.tensor([loss], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item()) / world
+
+    def report(state: TrainState, final: bool) -> None:
+        full = state.state_dict()
         with tempfile.TemporaryDirectory() as d:
-            save_training_state(Path(d) / _rank_file(rank), {
-                "generator": gen.get_state(), "stream_rng": stream.rng.bit_generator.state,
-                "stream_buffer": torch.from_numpy(stream.buffer.copy()),
-            })  # fmt: skip
+            save_training_state(Path(d) / _rank_file(rank), {k: full[k] for k in RANK_KEYS})
             if rank == 0:
-                save_training_state(Path(d) / STATE_FILE, {
-                    "step": step, "model": base.state_dict(), "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "losses": losses,
-                })  # fmt: skip
+                shared = {k: v for k, v in full.items() if k not in RANK_KEYS}
+                save_training_state(Path(d) / STATE_FILE, shared)
                 if final:
-                    ema.copy_to(model)  # training is over: the saved model holds the EMA weights
+                    state.ema.copy_to(
+                        model
+                    )  # training is over: the saved model holds the EMA weights
                     meta = {**config["meta"], "steps": steps, "workers": world, "data": config["data_info"],
-                            "train": tc, "diffusion": cfg["diffusion"]}  # fmt: skip
-                    save_checkpoint(
-                        Path(d) / MODEL_DIR, base, scheduler, meta, config_yaml=config["yaml"]
-                    )
-            metrics = {"step": step, "loss": losses[-1] if losses else float("nan")}
+                            "train": tc, "diffusion": diff}  # fmt: skip
+                    save_checkpoint(Path(d) / MODEL_DIR, unwrap_model(model), scheduler,
+                                    meta, config_yaml=config["yaml"])  # fmt: skip
+            metrics = {
+                "step": state.step,
+                "loss": state.losses[-1] if state.losses else float("nan"),
+            }
             ray.train.report(
                 metrics,
                 checkpoint=Checkpoint.from_directory(d),
-                checkpoint_dir_name=f"step-{step:08d}",
+                checkpoint_dir_name=f"step-{state.step:08d}",
             )
         # report() only queues the checkpoint; the controller registers it at its next poll
         # (every ~2 s). A worker dying before then would resume from the checkpoint before. Wait
@@ -174,51 +146,26 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
                 consistency_mode=CheckpointConsistencyMode.COMMITTED
             )
 
-    start = time.perf_counter()
-    for step in range(first, steps):
-        idx = torch.as_tensor(stream.next(per_worker), device=device)
-        loss = train_step(
-            model, data[idx], None if label_t is None else label_t[idx], noise_scheduler=scheduler,
-            optimizer=optimizer, lr_schedule=schedule, ema=ema, generator=gen,
-            label_dropout=mc["label_dropout"] if cond else 0.0, null_label=mc["num_classes"] if cond else None,
-            grad_clip=tc["grad_clip"], amp_dtype=amp, grad_scaler=scaler,
+    cond = bool(mc["class_conditional"])
+    steps, per_worker = int(tc["steps"]), int(tc["batch_size"]) // world
+    try:
+        _, res = train_loop(
+            model, images, labels if cond else None, noise_scheduler=scheduler, steps=steps,
+            batch_size=per_worker, lr=tc["lr"], weight_decay=tc["weight_decay"],
+            warmup_steps=tc["warmup_steps"], ema_decay=tc["ema_decay"], grad_clip=tc["grad_clip"],
+            mixed_precision=tc["mixed_precision"], seed=rank_seed(tc["seed"], rank),
+            class_conditional=cond, num_classes=mc["num_classes"], label_dropout=mc["label_dropout"],
+            device=device, resume=resume, checkpoint=report, checkpoint_every=int(tc["checkpoint_every"]),
+            all_reduce_loss=all_reduce_mean if world > 1 else None, callbacks=config["callbacks"],
         )  # fmt: skip
-        if world > 1:  # the global loss, so every rank takes the same decisions below
-            t = torch.tensor([loss], dtype=torch.float64)
-            dist.all_reduce(t)
-            loss = float(t.item()) / world
-        if not math.isfinite(loss):  # all ranks agree: return together (no retry would help)
-            return {
-                "error": f"training diverged at step {step + 1} (loss {loss}); lower train.lr or keep train.grad_clip > 0."
-            }
-        losses.append(loss)
-        if (
-            rank == 0
-            and fail_step is not None
-            and step + 1 == fail_step
-            and not os.path.exists(fail_marker)
-        ):
-            Path(fail_marker).write_text(f"killed at step {step + 1}\n")
-            os._exit(1)  # a real process death (test hook), not an exception
-        if every > 0 and (step + 1) % every == 0 and step + 1 < steps:
-            report(step + 1, final=False)
-    seconds = time.perf_counter() - start
-    if first < steps:  # else resumed from the final checkpoint, which already holds the model
-        report(steps, final=True)
-    window = max(1, min(50, len(losses) // 10))
+    except TrainingDiverged as exc:  # every rank sees the same global loss: all return together
+        return {"error": str(exc)}
     return {
-        "steps": steps, "start_step": first, "loss_first": float(np.mean(losses[:window])),
-        "loss_last": float(np.mean(losses[-window:])), "train_seconds": seconds,
-        "images_per_second": (steps - first) * per_worker * world / max(seconds, 1e-9),
+        "steps": steps, "start_step": res.start_step, "loss_first": res.loss_first,
+        "loss_last": res.loss_last, "train_seconds": res.seconds,
+        "images_per_second": (steps - res.start_step) * per_worker * world / max(res.seconds, 1e-9),
         "workers": world, "batch_size": per_worker * world,
     }  # fmt: skip
-
-
-class _Section:
-    """Attribute access over a plain dict (``scheduler_from_config`` reads ``cfg.name``)."""
-
-    def __init__(self, d: dict[str, Any]) -> None:
-        self.__dict__.update(d)
 
 
 @dataclass
@@ -260,47 +207,41 @@ def train_distributed(
     storage_path: str | Path,
     run_name: str,
     init_from: str | Path | None = None,
-    fail_once_at: tuple[int, str] | None = None,
+    callbacks: Sequence[Callable[[Any], None]] = (),
 ) -> dict[str, Any]:
     """Train the DDPM of ``cfg`` on a training set with Ray Train; write ``out_checkpoint``.
 
-    ``cfg``: the whole config tree (``train``, ``model``, ``data``, ``diffusion``). ``init_from``
-    (default ``cfg.train.init_from``) is used when ``cfg.train.init == "finetune"``.
-    Ray Train's run lives at ``storage_path/run_name``; re-running with the same pair resumes.
-    ``fail_once_at=(step, marker_file)``: test hook, rank 0 exits its process once at that step.
+    ``cfg``: the whole config tree (a ``DictConfig``: ``train``, ``model``, ``data``,
+    ``diffusion``). ``init_from`` (default ``cfg.train.init_from``) is used when
+    ``cfg.train.init == "finetune"``. Ray Train's run lives at ``storage_path/run_name``;
+    re-running with the same pair resumes. ``callbacks``: step callbacks of ``train_loop``, run
+    in every worker after each step (picklable; they receive the ``TrainState``).
 
     Returns steps, start_step (where this run resumed), loss_first, loss_last, images_per_second
     (training loop only), train_seconds, seconds (wall, driver), workers, batch_size, checkpoint.
     """
-    from raycollapse.config import to_yaml
-    from raycollapse.diffusion.checkpoint import load_checkpoint, model_meta
-    from raycollapse.diffusion.trainer import check_labels
+    from raycollapse.config import to_dict, to_yaml
+    from raycollapse.diffusion.checkpoint import load_finetune_base, model_meta
+    from raycollapse.diffusion.train_parts import check_labels
 
     t0 = time.perf_counter()
-    c = _plain(cfg)
-    tc, mc, dc = c["train"], c["model"], c["data"]
+    c = to_dict(cfg)  # plain containers travel to the workers without OmegaConf's flags
+    tc, mc = c["train"], c["model"]
     workers = int(tc["workers"])
     if workers < 1 or tc["steps"] < 1 or tc["batch_size"] < workers:
         raise UserInputError(
             f"need train.workers >= 1, train.steps >= 1 and train.batch_size >= train.workers; got "
             f"{workers}, {tc['steps']} and {tc['batch_size']}."
         )
-    meta = model_meta(_Section(mc), _Section(dc))
+    meta = model_meta(cfg.model, cfg.data)
     init = None
     if tc["init"] == "finetune":
         init = init_from or tc.get("init_from")
-        if not init:
-            raise UserInputError("train.init=finetune needs train.init_from (a checkpoint folder).")
-        init = str(Path(init).absolute())
-        ckpt = load_checkpoint(init, expect=meta)  # refuses a missing or mismatching model now
-        if int(ckpt.scheduler.config.num_train_timesteps) != int(
-            c["diffusion"]["num_train_timesteps"]
-        ):
-            raise UserInputError(
-                f"checkpoint '{init}' was trained with {ckpt.scheduler.config.num_train_timesteps} diffusion "
-                f"steps, not diffusion.num_train_timesteps={c['diffusion']['num_train_timesteps']}."
-            )
-        del ckpt
+        init = str(Path(init).absolute()) if init else None
+        # refuses a missing or mismatching model now, before Ray Train starts
+        load_finetune_base(
+            init, expect=meta, num_train_timesteps=c["diffusion"]["num_train_timesteps"]
+        )
     ensure_ray()
     threads = int(tc.get("cpu_threads") or 1)
     check_resources(
@@ -330,8 +271,8 @@ def train_distributed(
     from ray.train.torch import TorchTrainer
 
     config = {
-        "cfg": c, "meta": meta, "init_from": init, "yaml": to_yaml(_as_dictconfig(cfg)),
-        "data_info": {"source": source, "n": len(labels)}, "fail_once_at": fail_once_at,
+        "cfg": c, "meta": meta, "init_from": init, "yaml": to_yaml(cfg),
+        "data_info": {"source": source, "n": len(labels)}, "callbacks": list(callbacks),
     }  # fmt: skip
     trainer = TorchTrainer(
         _train_worker,
@@ -367,9 +308,3 @@ def train_distributed(
         run=storage.join(root, run_name),
     )
     return out
-
-
-def _as_dictconfig(cfg: Any) -> Any:
-    from omegaconf import DictConfig, OmegaConf
-
-    return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(_plain(cfg))
