@@ -12,6 +12,7 @@ import argparse
 
 from raycollapse.cli.common import config_from_args, print_result
 from raycollapse.cli.main import add_config_args
+from raycollapse.config.schema import FEATURE_NAMES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--features",
         default=None,
-        choices=["pixel", "clip", "dinov2", "inception"],
+        choices=FEATURE_NAMES,
         help="feature extractor (features.name)",
     )
     p.add_argument(

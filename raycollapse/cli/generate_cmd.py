@@ -18,15 +18,15 @@ samples, written as shards ``part-<shard>.parquet`` ``{id, image, label, iterati
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from raycollapse.cli.common import _clean, config_from_args
+from raycollapse.cli.common import config_from_args, print_result
 from raycollapse.cli.main import add_config_args
+from raycollapse.config.schema import SAMPLERS
 from raycollapse.errors import UserInputError
 
 
@@ -64,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="GPUs per actor (resources.generate_gpus_per_actor)",
     )
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="sample.sampler")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sample.sampler")
     p.add_argument(
         "--steps", type=int, default=None, help="DDIM steps (sample.steps); DDPM uses all"
     )
@@ -131,12 +131,6 @@ def run(args: argparse.Namespace) -> int:
     sc = cfg.sample
     if args.actors is not None or args.gpus_per_actor is not None:
         return _run_on_ray(args.checkpoint, cfg)
-    if not sc.out:
-        raise UserInputError(
-            "--out is required: OUT.npy, OUT.png or a new folder for Parquet shards."
-        )
-    if sc.n < 1 or sc.batch_size < 1:
-        raise UserInputError(f"--n and --batch-size must be >= 1, got {sc.n} and {sc.batch_size}.")
     from raycollapse.diffusion.checkpoint import load_checkpoint
     from raycollapse.diffusion.sampling import resolve_labels, sample_images, sampling_scheduler
     from raycollapse.diffusion.train_parts import resolve_device
@@ -155,8 +149,6 @@ def run(args: argparse.Namespace) -> int:
     labels_for(np.zeros(1, dtype=np.int64))  # refuse guidance / label problems before any work
     steps = sampling_scheduler(ckpt.scheduler, sc.sampler, sc.steps).timesteps.numel()
     kind, write, finish = _writer(str(sc.out))
-    if sc.group_size < 1:
-        raise UserInputError(f"sample.group_size must be >= 1, got {sc.group_size}.")
     # Calls hold whole aligned groups, so no group is evaluated twice: batch_size rounds up to them.
     per_call = -(-sc.batch_size // sc.group_size) * sc.group_size
     source = f"generated:{Path(args.checkpoint).name}"
@@ -190,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds_per_image": seconds / sc.n,
         "checkpoint": ckpt.path,
     }
-    print(json.dumps(_clean(report)))
+    print_result(report, as_json=True)
     return 0
 
 
@@ -203,8 +195,6 @@ def _run_on_ray(checkpoint: str, cfg) -> int:
     from raycollapse.stages.generate import generate_pool
 
     sc, res = cfg.sample, cfg.resources
-    if not sc.out:
-        raise UserInputError("--out is required: OUT.npy, OUT.png or a folder for Parquet shards.")
     out = str(sc.out)
     kwargs = dict(
         seed=sc.seed, sample_cfg=sc, actors=res.generate_actors, gpus_per_actor=res.generate_gpus_per_actor,
@@ -226,9 +216,7 @@ def _run_on_ray(checkpoint: str, cfg) -> int:
             save_grid(images, out)
     else:
         metrics = generate_pool(checkpoint, out, sc.n, **kwargs)
-    print(
-        json.dumps(
-            _clean({**metrics, "out": out, "format": Path(out).suffix.lstrip(".") or "parquet"})
-        )
+    print_result(
+        {**metrics, "out": out, "format": Path(out).suffix.lstrip(".") or "parquet"}, as_json=True
     )
     return 0

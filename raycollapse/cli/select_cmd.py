@@ -66,25 +66,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def check_select_config(method: str, budget: int | None, tau0: float | None, decay: float) -> None:
-    """Checks that need no data, so a bad value fails before anything is read."""
-    if method == "none":
-        raise UserInputError("select.method=none selects nothing; use greedy, threshold or random.")
-    if budget is None:
-        raise UserInputError("no budget given; pass --budget B (select.budget=B) with B >= 1.")
-    if budget <= 0:
-        raise UserInputError(
-            f"budget must be >= 1, got {budget}; pass --budget B with 1 <= B <= N."
-        )
-    if method == "threshold":
-        if not 0.0 < decay < 1.0:
-            raise UserInputError(f"decay must be in (0, 1), got {decay}; e.g. --decay 0.9.")
-        if tau0 is not None and tau0 <= 0:
-            raise UserInputError(
-                f"tau0 must be > 0, got {tau0}; pass a positive --tau0 or omit it to derive it."
-            )
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(
         args,
@@ -101,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in OUT_SUFFIXES:
         raise UserInputError(f"--out '{out}' must end in .npy or .parquet.")
-    check_select_config(sel.method, sel.budget, sel.tau0, sel.decay)
     loaded = load_features(args.input)
     x = loaded.features
     if sel.budget > len(x):

@@ -20,17 +20,15 @@ Prints one JSON object on stdout (``steps``, ``loss_first``, ``loss_last``, ``im
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from raycollapse.cli.common import _clean, config_from_args
+from raycollapse.cli.common import config_from_args, print_result
 from raycollapse.cli.main import add_config_args
 from raycollapse.config import to_dict, to_yaml
-from raycollapse.errors import UserInputError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,14 +59,10 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     tc, mc, dc = cfg.train, cfg.model, cfg.data
-    if tc.workers < 1:
-        raise UserInputError(f"train.workers must be >= 1, got {tc.workers}.")
     if tc.workers > 1 or tc.use_gpu:
         return _run_on_ray(cfg, t0)
     device = resolve_device(tc.use_gpu)
     if tc.cpu_threads is not None:
-        if tc.cpu_threads < 1:
-            raise UserInputError(f"train.cpu_threads must be >= 1 (or null), got {tc.cpu_threads}.")
         import torch
 
         torch.set_num_threads(tc.cpu_threads)
@@ -136,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
         **meta,
         "steps": result.steps,
         "data": {"source": records.source, "n": len(records), "skipped": records.skipped},
-        "train": to_dict(cfg)["train"],
-        "diffusion": to_dict(cfg)["diffusion"],
+        "train": to_dict(cfg.train),
+        "diffusion": to_dict(cfg.diffusion),
     }
     ckpt_path = save_checkpoint(
         out / "checkpoint", model, scheduler, train_meta, config_yaml=to_yaml(cfg)
@@ -168,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         "skipped": records.skipped,
         "device": str(device),
     }
-    print(json.dumps(_clean(report)))
+    print_result(report, as_json=True)
     return 0
 
 
@@ -183,5 +177,5 @@ def _run_on_ray(cfg, t0: float) -> int:
     res = train_distributed(
         cfg, load_records(cfg.data), out / "checkpoint", storage_path=out / "ray", run_name="train"
     )
-    print(json.dumps(_clean({**res, "seconds": time.perf_counter() - t0})))
+    print_result({**res, "seconds": time.perf_counter() - t0}, as_json=True)
     return 0

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raycollapse.config.schema import PARADIGMS
 from raycollapse.errors import UserInputError
-
-PARADIGMS = ("replace", "accumulate", "accumulate_all", "fresh")
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,6 @@ with ``torch.load(weights_only=True)`` (no pickled code).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ import torch
 
 from raycollapse.diffusion.unet import get_spec
 from raycollapse.errors import UserInputError
+from raycollapse.io.atomic import atomic_dir, atomic_path
 
 META_FILE = "raycollapse.json"
 FORMAT_VERSION = 1
@@ -61,17 +59,6 @@ def model_meta(model_cfg: Any, data_cfg: Any) -> dict[str, Any]:
     }
 
 
-def swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` onto ``target``; an existing ``target`` is moved aside first, then deleted."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(
     folder: str | Path,
     unet: Any,
@@ -87,19 +74,13 @@ def save_checkpoint(
     if missing:
         raise ValueError(f"checkpoint meta lacks {missing}")
     target = Path(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_dir(target) as tmp:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
         (tmp / META_FILE).write_text(
             json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, default=str)
         )
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
-        swap_into_place(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 
@@ -197,15 +178,8 @@ def load_finetune_base(
 
 def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
     """Write a training state (tensors, numbers, strings, nested dicts/lists) atomically."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:

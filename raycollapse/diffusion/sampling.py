@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from raycollapse.config.schema import SAMPLERS
 from raycollapse.errors import UserInputError
 from raycollapse.seeds import derive_seed
-
-SAMPLERS = ("ddim", "ddpm")
 
 
 def make_scheduler(

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 from raycollapse.errors import UserInputError
 
-PRESET_NAMES = ("tiny", "unet32", "unet48", "unet64", "unet128")
-
 
 @dataclass(frozen=True)
 class UNetSpec:

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from raycollapse.config.schema import FEATURE_NAMES as EXTRACTORS
 from raycollapse.errors import UserInputError
 
-EXTRACTORS = ("pixel", "clip", "dinov2", "inception")
 DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_TAG = "laion2b_s34b_b79k"
 DEFAULT_DINOV2_MODEL = "vit_small_patch14_dinov2.lvd142m"

@@ -29,10 +29,8 @@ optimiser, schedule and RNG states are still restored exactly.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +39,9 @@ from typing import Any
 import ray
 
 from raycollapse.data.records import Records
-from raycollapse.diffusion.checkpoint import swap_into_place
 from raycollapse.errors import UserInputError
 from raycollapse.io import storage
+from raycollapse.io.atomic import install_dir
 from raycollapse.stages.base import Batch, Stage, check_resources
 from raycollapse.stages.runtime import ensure_ray
 from raycollapse.stages.train_data import rank_seed, read_shard, training_dataset
@@ -182,14 +180,6 @@ class _TrainWorkers(Stage):
 # The driver
 
 
-def _install(src: Path, target: Path) -> None:
-    """Copy folder ``src`` to ``target`` through a temporary sibling and a rename (atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    shutil.copytree(src, tmp)
-    swap_into_place(tmp, target)
-
-
 def _user_error(exc: BaseException) -> UserInputError | None:
     """The ``UserInputError`` a worker raised, found inside Ray Train's wrappers."""
     seen: list[BaseException] = [exc]
@@ -301,7 +291,7 @@ def train_distributed(
     if "error" in out:
         raise UserInputError(out["error"])
     with result.checkpoint.as_directory() as d:
-        _install(Path(d) / MODEL_DIR, Path(out_checkpoint))
+        install_dir(Path(d) / MODEL_DIR, Path(out_checkpoint))
     out.update(
         checkpoint=str(out_checkpoint),
         seconds=time.perf_counter() - t0,

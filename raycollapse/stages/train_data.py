@@ -75,7 +75,8 @@ def batch_to_arrays(
     Encoded images are decoded and prepared to ``data.resolution`` / ``data.channels``; with
     ``data.on_small=skip`` images below the resolution are dropped.
     """
-    from raycollapse.data.records import TooSmall, decode_prepared, prepare_checked
+    from raycollapse.data.records import TooSmall, prepare_checked
+    from raycollapse.io.images import iter_column
 
     ids = batch.column("id").to_numpy().astype(np.int64)
     labels = (
@@ -83,24 +84,17 @@ def batch_to_arrays(
         if "label" in batch.column_names
         else np.full(len(ids), -1, np.int64)
     )
-    col = batch.column("image")
     res, ch, small = int(data["resolution"]), int(data["channels"]), str(data["on_small"])
-    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
-        values = col.to_pylist()  # encoded bytes (PNG from the generation stage)
-
-        def decode(value: Any, name: str) -> np.ndarray:
-            return decode_prepared(value, resolution=res, channels=ch, on_small=small, name=name)
-    else:
-        values = list(col.combine_chunks().to_numpy_ndarray())  # tensor column (in-memory Records)
-
-        def decode(value: Any, name: str) -> np.ndarray:
-            return prepare_checked(value, resolution=res, channels=ch, on_small=small, name=name)
-
-    raw = [(v, f"id {i}") for v, i in zip(values, ids, strict=True)]
+    names = [f"id {i}" for i in ids]
     keep, images = [], []
-    for j, (value, name) in enumerate(raw):
+    # One image decoded at a time (encoded bytes, or the rows of a tensor column of in-memory
+    # Records), prepared, then dropped: memory stays one batch of prepared images.
+    decoded = iter_column(batch.column("image"), ch, row_names=names)
+    for j, image in enumerate(decoded):
         try:
-            images.append(decode(value, name))
+            images.append(
+                prepare_checked(image, resolution=res, channels=ch, on_small=small, name=names[j])
+            )
             keep.append(j)
         except TooSmall:
             continue
