@@ -1,4 +1,4 @@
-"""Test-only shard stages: a small counting stage, and a hook that kills actors mid-shard.
+"""Test-only shard stages: a small counting stage, and a hook that kills an actor mid-shard.
 
 Ray workers cannot import this module (``tests/`` is on the test's path only), so it is pickled
 by value: its classes and functions travel with the stage objects to the actors.
@@ -62,42 +62,34 @@ class CountingStage(ShardStage):
         return len(ids)
 
 
-def _claim_or_pass(marks: Path, victims: int, no_restart: bool, timeout_s: float) -> None:
-    """The first ``victims`` shards to start (one claim file each, created atomically) wait
-    until every victim is in progress, then kill their own actor; all other shards pass."""
-    for slot in range(victims):
-        try:
-            fd = os.open(marks / f"victim-{slot}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            continue
-        os.write(fd, ray.get_runtime_context().get_actor_id().encode())
-        os.close(fd)
-        deadline = time.monotonic() + timeout_s
-        while len(list(marks.glob("victim-*"))) < victims:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(list(marks.glob('victim-*')))} victims started")
-            time.sleep(0.05)
-        ray.kill(ray.get_runtime_context().current_actor, no_restart=no_restart)
-        time.sleep(timeout_s)  # the kill lands here, in the middle of this shard
-        raise RuntimeError("the actor survived its own ray.kill")
+def _kill_first_shard(marks: Path, no_restart: bool, timeout_s: float) -> None:
+    """The first shard to start (it creates ``marks/victim`` atomically) kills its own actor
+    while in progress; every other shard, and that shard's retry, passes."""
+    try:
+        fd = os.open(marks / "victim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, ray.get_runtime_context().get_actor_id().encode())
+    os.close(fd)
+    ray.kill(ray.get_runtime_context().current_actor, no_restart=no_restart)
+    time.sleep(timeout_s)  # the kill lands here, in the middle of this shard
+    raise RuntimeError("the actor survived its own ray.kill")
 
 
 def kill_mid_shard(
-    stage: ShardStage, marks: Path, *, victims: int, no_restart: bool, timeout_s: float = 120
+    stage: ShardStage, marks: Path, *, no_restart: bool, timeout_s: float = 120
 ) -> ShardStage:
-    """A copy of ``stage`` whose first ``victims`` shards kill their actor while in progress.
-
-    ``marks`` (an empty folder) receives ``victim-<slot>`` files holding the killed actors' ids.
-    """
+    """A copy of ``stage`` whose first shard kills its actor while in progress (``ray.kill``,
+    ``no_restart`` as given); ``marks`` (an empty folder) receives ``victim``, the actor's id."""
 
     class KillMidShard(type(stage)):  # type: ignore[misc, valid-type]
         def process_shard(self, spec: dict[str, Any]) -> int:
-            _claim_or_pass(marks, victims, no_restart, timeout_s)
+            _kill_first_shard(marks, no_restart, timeout_s)
             return super().process_shard(spec)
 
     return KillMidShard(**{f.name: getattr(stage, f.name) for f in fields(stage)})
 
 
-def victim_ids(marks: Path) -> list[str]:
-    """The actor ids the hook killed."""
-    return [p.read_text() for p in sorted(marks.glob("victim-*"))]
+def victim(marks: Path) -> str:
+    """The id of the actor the hook killed."""
+    return (marks / "victim").read_text()

@@ -153,9 +153,15 @@ def check_resources(resources: Resources, count: int, name: str) -> None:
 
 
 def map_stage(
-    ds: ray.data.Dataset, stage: Stage, *, actors: int, batch_size: int | None = None
+    ds: ray.data.Dataset,
+    stage: Stage,
+    *,
+    actors: int,
+    min_actors: int | None = None,
+    batch_size: int | None = None,
 ) -> ray.data.Dataset:
-    """Run ``stage`` over ``ds`` with an actor pool of ``actors`` workers.
+    """Run ``stage`` over ``ds`` with an actor pool of ``actors`` workers (``min_actors``: start
+    with that many, up to ``actors``; default all).
 
     Checks first, on the driver: the dataset has the stage's input columns, the cluster can
     place the actors.
@@ -167,7 +173,7 @@ def map_stage(
         fn_constructor_args=(stage,),
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors or actors, max_size=actors),
         num_cpus=stage.resources.num_cpus,
         num_gpus=stage.resources.num_gpus,
     )

@@ -41,7 +41,7 @@ import ray
 
 from raycollapse.errors import UserInputError
 from raycollapse.io import storage
-from raycollapse.stages.base import Batch, Stage, check_inputs, map_stage
+from raycollapse.stages.base import Batch, Resources, Stage, check_inputs, map_stage
 
 logger = logging.getLogger(__name__)
 
@@ -259,14 +259,30 @@ def missing_shards(job: ShardJob) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+def _placeable(resources: Resources, wanted: int) -> int:
+    """How many of ``wanted`` actors the cluster's free CPUs and GPUs hold now (at least 1)."""
+    free = ray.available_resources()
+    n = wanted
+    for key, need in (("CPU", resources.num_cpus), ("GPU", resources.num_gpus)):
+        if need > 0:
+            n = min(n, int(free.get(key, 0.0) // need))
+    return max(1, n)
+
+
 def _run_once(
-    stage: ShardStage, todo: list[dict[str, Any]], actors: int, statuses: list[ShardStatus]
+    stage: ShardStage,
+    todo: list[dict[str, Any]],
+    actors: int,
+    min_actors: int,
+    statuses: list[ShardStatus],
 ) -> ShardStatus | None:
     """One Ray Data job over ``todo``; appends each shard's status as it arrives. Stops at the
     first status with an error and returns it (leaving the loop releases the job's actors)."""
+    actors = min(actors, len(todo))
     with shard_scheduling():
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-        for row in map_stage(ds, stage, actors=min(actors, len(todo)), batch_size=1).iter_rows():
+        out = map_stage(ds, stage, actors=actors, min_actors=min(min_actors, actors), batch_size=1)
+        for row in out.iter_rows():
             status = ShardStatus.decode(row)
             if status.error:
                 return status
@@ -291,9 +307,10 @@ def run_shard_job(job: ShardJob) -> ShardJobResult:
     start = time.perf_counter()
     if todo:
         storage.makedirs(job.out)
+    min_actors = actors  # the whole pool, the first time
     while todo:
         try:
-            failed = _run_once(job.stage, todo, actors, statuses)
+            failed = _run_once(job.stage, todo, actors, min_actors, statuses)
             if failed is not None:
                 raise UserInputError(failed.error)
             break
@@ -304,9 +321,12 @@ def run_shard_job(job: ShardJob) -> ShardJobResult:
             logger.warning("%s: %s; running the unfinished shards again", job.stage.name,
                            type(exc).__name__)  # fmt: skip
         # Ray Data releases the failed pool's surviving actors by dropping its handles, but the
-        # failed iterator's frames and the exception form a reference cycle: without a
-        # collection those actors keep their CPUs and GPUs, and the re-run waits for them.
+        # failed iterator's frames and the exception form a reference cycle: collect it, so
+        # that those actors give back their CPUs and GPUs. Anything still holding the exception
+        # (a logging handler that keeps records) keeps them, and a lost node takes its own
+        # away: the re-run starts with the actors that fit now instead of waiting for all.
         gc.collect()
+        min_actors = _placeable(job.stage.resources, actors)
         # The shards written so far are complete files: running again redoes only the rest.
         todo = missing_shards(job)
     return ShardJobResult(
