@@ -38,6 +38,17 @@ def test_plain_errors():
     raise_if_user_error(ValueError("not a user error"))  # returns: the caller re-raises
 
 
+def test_ray_train_wrappers_in_process():
+    """Ray Train's wrapper classes, built here: a worker error kept with its traceback string,
+    inside the worker group's failures by rank."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    wrapped = UserExceptionWithTraceback(UserInputError(MSG), "Traceback ...")
+    _same_message(WorkerGroupError("rank 1 failed", {0: RuntimeError("other"), 1: wrapped}))
+    assert user_error(WorkerGroupError("x", {0: RuntimeError("a bug")})) is None
+
+
 def test_ray_task_and_actor(ray_local):
     import ray
 

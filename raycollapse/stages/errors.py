@@ -2,8 +2,8 @@
 
 A ``UserInputError`` raised in a Ray task, an actor or a Ray Train worker reaches the driver
 wrapped: ``RayTaskError`` (the original in ``.cause``; its own ``str`` holds the remote
-traceback), Ray Train's ``WorkerGroupError`` (``worker_failures``: rank -> error, each a
-``UserExceptionWithTraceback`` holding ``_base_exc``) or ``ControllerError``
+traceback), Ray Train's ``WorkerGroupError`` (``worker_failures``: rank -> the worker's
+error, or a ``UserExceptionWithTraceback`` holding it in ``_base_exc``) or ``ControllerError``
 (``controller_failure``), any of them possibly chained with ``__cause__``. :func:`user_error`
 walks all of these; :func:`raise_if_user_error` re-raises what it finds as a plain
 ``UserInputError`` with the user's message and no traceback.
