@@ -11,11 +11,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from shard_hooks import kill_mid_shard, victim
 
 from raycollapse.data.inputs import images_to_pixels, load_features
 from raycollapse.errors import UserInputError
-from raycollapse.stages.embed import EmbedShardStage, EmbedStage, embed_pool, features_dict
+from raycollapse.stages.base import map_stage
+from raycollapse.stages.embed import (
+    EmbedShardStage,
+    EmbedStage,
+    embed_pool,
+    features_dict,
+    plan_embedding,
+)
 from raycollapse.stages.embed_inputs import ShardTask
+from raycollapse.stages.shard_job import run_shard_job
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -62,23 +71,48 @@ def test_process_batch_without_ray():
     np.testing.assert_array_equal(out["embedding"], images_to_pixels(images))
 
 
-def test_shard_stage_reports_setup_error_as_rows(tmp_path):
-    """Weights that do not fit the model: every shard reports the loader's message, nothing raises.
+def test_shard_stage_without_ray(tmp_path):
+    """One ShardTask row in, one shard out: the status names it, the file holds the pixels."""
+    images = _images(5)
+    np.save(tmp_path / "x.npy", images)
+    stage = EmbedShardStage(features=features_dict({"name": "pixel", "batch_size": 2}))
+    stage.setup()
+    task = ShardTask("npy", str(tmp_path / "x.npy"), 1, 4, str(tmp_path / "o.parquet"), 1)
+    out = stage.process_batch({k: np.array([v]) for k, v in task.to_item().items()})
+    assert out["shard"].tolist() == [task.out] and out["rows"].tolist() == [3]
+    table = pq.read_table(task.out)
+    np.testing.assert_array_equal(table.column("id").to_numpy(), [1, 2, 3])
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(emb, images_to_pixels(images[1:4]))
 
-    (Raised in an actor's setup, it would surface as ActorDiedError after Ray Data's init retries;
-    embed_pool re-raises these rows as UserInputError, as the corrupt-image test shows.)
-    """
+
+def test_setup_error_is_the_users_message(tmp_path, ray_local):
+    """Weights that do not fit the model: setup fails in the actor; embed_pool raises the
+    loader's message once, as a UserInputError without Ray's wrapping, and writes nothing."""
     import torch
     from safetensors.torch import save_file
 
     save_file({"unrelated": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
-    features = features_dict({"name": "dinov2", "pretrained": str(tmp_path / "bad.safetensors")})
-    stage = EmbedShardStage(features=features)
-    stage.setup()
-    task = ShardTask("npy", str(tmp_path / "x.npy"), 0, 1, str(tmp_path / "o.parquet"))
-    out = stage.process_batch({k: np.array([v]) for k, v in task.to_item().items()})
-    assert "do not fit" in out["error"][0] and out["user_error"][0] and out["rows"][0] == 0
-    assert not (tmp_path / "o.parquet").exists()
+    features = {"name": "dinov2", "pretrained": str(tmp_path / "bad.safetensors")}
+    stage = EmbedShardStage(features=features_dict(features))
+    with pytest.raises(UserInputError, match="do not fit") as direct:
+        stage.setup()
+    _write_pool(tmp_path / "pool", shards=2, rows=2)
+    with pytest.raises(UserInputError) as info:
+        embed_pool(tmp_path / "pool", tmp_path / "o", features, actors=2)
+    assert str(info.value) == str(direct.value)  # the message alone: no traceback, no prefix
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_map_stage_refuses_a_batch_without_a_declared_column(ray_local):
+    """EmbedStage reads 'image': a dataset without it fails naming the column."""
+    import ray
+
+    ds = ray.data.from_items([{"id": i, "picture": b""} for i in range(3)])
+    stage = EmbedStage(features=features_dict({"name": "pixel"}))
+    with pytest.raises(UserInputError, match=r"no column 'image' \(it has: id, picture\)"):
+        map_stage(ds, stage, actors=1).materialize()
 
 
 def test_embed_pool_actors_identical_resume_and_labels(tmp_path, ray_local):
@@ -206,6 +240,28 @@ def test_cli_embed(tmp_path, ray_local, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("no_restart", [True, False], ids=["killed-for-good", "killed-restarted"])
+def test_killed_actor_mid_shard(tmp_path, ray_local, no_restart):
+    """One actor of two kills itself while embedding a shard (a test hook): one stage retry
+    when it is gone for good, none when Ray restarts it; the output is the uninterrupted one."""
+    _write_pool(tmp_path / "pool", shards=6, rows=4)
+    features = {"name": "pixel", "batch_size": 2}
+    ref = embed_pool(tmp_path / "pool", tmp_path / "ref", features, actors=1)
+    assert ref["stage_retries"] == 0
+    job = plan_embedding(tmp_path / "pool", tmp_path / "o", features, actors=2)
+    (tmp_path / "marks").mkdir()
+    job.stage = kill_mid_shard(job.stage, tmp_path / "marks", no_restart=no_restart)
+    result = run_shard_job(job)
+    assert victim(tmp_path / "marks")
+    assert result.stage_retries == (1 if no_restart else 0) and result.shards_written == 6
+    names = sorted(f for f in os.listdir(tmp_path / "ref"))
+    assert names == sorted(f for f in os.listdir(tmp_path / "o") if f.startswith("part-"))
+    for name in names:
+        assert (tmp_path / "o" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+
+
+@pytest.mark.slow
 def test_actors_spread_over_nodes(tmp_path, ray_cluster):
     """On 3 simulated nodes (1 CPU each), 3 one-CPU actors must run on more than one node."""
     _write_pool(tmp_path / "pool", shards=6, rows=4)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +12,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from shard_hooks import kill_mid_shard, victim
 
 from raycollapse.diffusion.checkpoint import load_checkpoint, save_checkpoint
 from raycollapse.diffusion.sampling import make_scheduler, resolve_labels, sample_images
 from raycollapse.diffusion.unet import build_unet
 from raycollapse.errors import UserInputError
-from raycollapse.stages.generate import GenerateStage, generate_pool, sample_settings, shard_specs
+from raycollapse.stages.generate import (
+    GenerateStage,
+    generate_pool,
+    plan_generation,
+    sample_settings,
+    shard_specs,
+)
+from raycollapse.stages.shard_job import run_shard_job
 
 SAMPLE = {"sampler": "ddim", "steps": 4, "eta": 0.5, "group_size": 4}  # fast; stochastic DDIM
 
@@ -72,11 +78,9 @@ def test_process_batch_without_ray_equals_core_sampler(ckpt, tmp_path):
     out = stage.process_batch(
         {"shard": np.array([1]), "id_start": np.array([4]), "id_end": np.array([10])}
     )
-    assert (
-        out["rows"].tolist() == [6]
-        and out["error"].tolist() == [""]
-        and out["node_id"].tolist() == [""]
-    )
+    assert out["rows"].tolist() == [6] and out["node_id"].tolist() == [""]
+    assert out["error"].tolist() == [""]
+    assert out["shard"].tolist() == [os.path.join(str(tmp_path), "part-00001.parquet")]
     table = pq.read_table(tmp_path / "part-00001.parquet")
     assert table.column_names == ["id", "image", "label", "iteration", "seed"]
     ids = np.arange(4, 10)
@@ -178,69 +182,62 @@ def _pool_actors(alive: bool = True) -> dict[str, dict]:
     }  # fmt: skip
 
 
+def _same_files(a: Path, b: Path) -> None:
+    """The same visible shard files, byte for byte (data and metadata)."""
+    names = sorted(f for f in os.listdir(a) if f.startswith("part-"))
+    assert names == sorted(f for f in os.listdir(b) if f.startswith("part-"))
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def reference_pool(ckpt, tmp_path_factory) -> Path:
+    """48 samples in 12 shards, generated without interruption on one actor."""
+    from conftest import start_local_ray
+
+    start_local_ray()
+    out = tmp_path_factory.mktemp("reference") / "pool"
+    m = generate_pool(ckpt, out, 48, seed=1, sample_cfg=SAMPLE, actors=1, shard_size=4)
+    assert m["stage_retries"] == 0 and m["shards_generated"] == 12
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("no_restart", [True, False], ids=["killed-for-good", "killed-restarted"])
-def test_killed_actors_mid_stage_every_id_once(ckpt, tmp_path, ray_local, no_restart):
-    """``ray.kill`` the pool's actors once the first shard is on disk; every id appears exactly once.
+def test_killed_actor_mid_shard_every_id_once(
+    ckpt, tmp_path, ray_local, reference_pool, no_restart
+):
+    """An actor of a 2-actor pool kills itself while its first shard is in progress (a hook).
 
-    Both actors are killed: the one that just wrote the first shard may be idle between tasks,
-    the other is busy, so a task is always lost.
-
-    - ``no_restart=True`` (ray.kill's default): the actors are gone for good. Ray Data fails the
-      job with ActorDiedError and ``generate_pool`` runs it again for the shards not yet on disk
-      (``stage_retries == 1``), or, when no task was in flight, replaces them itself (0);
-    - ``no_restart=False``: Ray restarts each actor (Ray Data's pool sets ``max_restarts=-1``,
+    - ``no_restart=True`` (ray.kill's default): the actor is gone for good. Ray Data fails the
+      job with ActorDiedError and the runner runs it again for the shards not yet on disk:
+      exactly one stage retry, done by new actors;
+    - ``no_restart=False``: Ray restarts the actor (Ray Data's pool sets ``max_restarts=-1``,
       ``max_task_retries=-1``) and retries the shard in flight inside the same job.
+
+    Either way the pool is byte for byte the uninterrupted one.
     """
-    import ray
-
-    out = tmp_path / "pool"
-    result: dict = {}
     before = set(_pool_actors(alive=False))
-
-    def run() -> None:
-        try:
-            result["m"] = generate_pool(ckpt, out, 48, seed=1, sample_cfg=SAMPLE, actors=2, shard_size=4)  # fmt: skip
-        except Exception as exc:  # noqa: BLE001 - re-raised below, in the test thread
-            result["e"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.time() + 240
-
-    def first_shard_on_disk() -> bool:
-        return out.is_dir() and any(f.startswith("part-") for f in os.listdir(out))
-
-    # Kill once a shard is on disk AND both actors run: on a loaded machine the second actor can
-    # still be starting when the first one has written its shard.
-    while not (first_shard_on_disk() and len(set(_pool_actors()) - before) == 2):
-        assert time.time() < deadline and thread.is_alive(), result
-        time.sleep(0.02)
-    done_at_kill = len([f for f in os.listdir(out) if f.startswith("part-")])
-    victims = [a for a in _pool_actors() if a not in before]
-    for actor_id in victims:
-        # no public way from an actor id to a handle without the dashboard: the core worker's
-        # own lookup (this process owns Ray Data's actors)
-        core = ray._private.worker.global_worker.core_worker
-        ray.kill(core.get_actor_handle(ray.ActorID.from_hex(actor_id)), no_restart=no_restart)
-    thread.join(300)
-    assert "e" not in result, result.get("e")
-    assert done_at_kill < 12 and len(victims) == 2  # the kill happened mid-stage
-    m = result["m"]
-    assert m["shards"] == 12 and m["rows"] == 48
-    ids = _read_pool(out).column("id").to_numpy()
-    assert len(ids) == 48 and np.array_equal(np.sort(ids), np.arange(48))
+    job = plan_generation(ckpt, tmp_path / "pool", 48, seed=1, sample_cfg=SAMPLE, actors=2, shard_size=4)  # fmt: skip
+    (tmp_path / "marks").mkdir()
+    job.stage = kill_mid_shard(job.stage, tmp_path / "marks", no_restart=no_restart)
+    result = run_shard_job(job)
+    killed = victim(tmp_path / "marks")
+    assert result.shards_written == 12 and result.rows_written == 48
+    assert result.stage_retries == (1 if no_restart else 0)
+    _same_files(tmp_path / "pool", reference_pool)
     # a killed writer may leave a hidden temporary file, never a visible partial shard
-    assert all(f.startswith(("part-", ".part-")) for f in os.listdir(out))
+    assert all(f.startswith(("part-", ".part-")) for f in os.listdir(tmp_path / "pool"))
     actors = _pool_actors(alive=False)
+    assert killed in set(actors) - before
     if no_restart:
-        assert m["stage_retries"] in (0, 1)
-        assert len(set(actors) - before) > 2  # new actors did the rest
+        assert actors[killed]["State"] == "DEAD"
+        assert len(set(actors) - before) > 2  # a new actor did the rest
     else:
-        assert m["stage_retries"] == 0
-        assert all(actors[a]["NumRestarts"] >= 1 for a in victims)  # the same actors, restarted
+        assert actors[killed]["NumRestarts"] >= 1  # the same actor, restarted
 
 
+@pytest.mark.slow
 def test_actors_spread_over_nodes(ckpt, tmp_path, ray_cluster):
     """3 simulated nodes with 1 CPU each: 3 one-CPU actors run on more than one node."""
     res = generate_pool(ckpt, tmp_path / "o", 24, seed=0, sample_cfg=SAMPLE, actors=3, shard_size=4)

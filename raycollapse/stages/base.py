@@ -2,44 +2,56 @@
 
 A stage (like NeMo Curator's ``ProcessingStage``):
 
-- declares its resources per worker (``num_cpus``, ``num_gpus``);
+- declares its resources per worker (:class:`Resources`) and the columns it reads and writes
+  (``inputs()`` / ``outputs()``; the adapter checks the input before any work, and every
+  returned batch);
 - loads its model once per worker in ``setup()``;
 - does its work in ``process_batch(batch) -> batch``, a plain function of numpy columns that
   tests call without Ray.
 
 ``map_stage`` turns a stage into ``Dataset.map_batches`` over an actor pool. Stages that write
-files work shard by shard (``process_shard``), each shard to a deterministic name written
-atomically, so a retried task or a restarted actor rewrites the same file: no row is lost or
-duplicated.
+files work shard by shard (``stages.shard_job``), which is also how their user errors reach the
+driver: Ray Data drops the cause of a failed batch on its way to the driver, so a
+``UserInputError`` raised in a ``map_batches`` worker arrives as ``UserCodeException`` with only a
+traceback string.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from raycollapse.errors import UserInputError
-from raycollapse.io import storage
 
 Batch = dict[str, np.ndarray]
 
 
-@dataclass
-class Stage(ABC):
-    """Base class: subclasses set ``name`` and override ``setup`` / ``process_batch``."""
+@dataclass(frozen=True)
+class Resources:
+    """What one worker (actor, Ray Train worker) asks Ray for."""
 
-    name: str = "stage"
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+
+
+@dataclass
+class Stage(ABC):
+    """Base class: subclasses set ``name``, declare their columns and override ``process_batch``."""
+
+    name: str = "stage"
+    resources: Resources = Resources()
+
+    def inputs(self) -> tuple[str, ...]:
+        """The columns every batch must have."""
+        return ()
+
+    def outputs(self) -> tuple[str, ...]:
+        """The columns every returned batch has."""
+        return ()
 
     def setup(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Load models and other per-worker state. Called once per worker, before any batch."""
@@ -48,16 +60,52 @@ class Stage(ABC):
     def process_batch(self, batch: Batch) -> Batch:
         """Transform one batch of numpy columns; pure apart from the state built in ``setup``."""
 
+    def setup_failed(self, error: Exception, batch: Batch) -> Batch:
+        """What a worker whose ``setup`` raised ``error`` returns for ``batch``: by default it
+        raises ``error`` (the Ray Data job fails with it)."""
+        raise error
+
+
+def check_inputs(stage: Stage, columns: Iterable[str]) -> None:
+    """Refuse input ``columns`` that lack one the stage reads: a UserInputError naming it."""
+    have = list(columns)
+    missing = [c for c in stage.inputs() if c not in have]
+    if missing:
+        raise UserInputError(
+            f"{stage.name}: the input has no column {', '.join(repr(c) for c in missing)} "
+            f"(it has: {', '.join(have) or 'no columns'}); {stage.name} reads "
+            f"{', '.join(stage.inputs())}."
+        )
+
 
 class _StageWorker:
-    """The callable class Ray Data instantiates once per actor: setup once, then batches."""
+    """The callable class Ray Data instantiates once per actor: setup once, then batches.
+
+    A failed ``setup`` is kept and handed to ``stage.setup_failed`` with each batch instead of
+    being raised from ``__init__``: raised there, Ray Data retries the actor's start and then
+    fails with ``ActorDiedError``, which reads as a lost actor instead of the user's error.
+    A returned batch lacking a declared output column is the stage's bug (RuntimeError).
+    """
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
-        self.stage.setup()
+        self.setup_error: Exception | None = None
+        try:
+            self.stage.setup()
+        except Exception as exc:  # noqa: BLE001 - handed to setup_failed, see above
+            self.setup_error = exc
 
     def __call__(self, batch: Batch) -> Batch:
-        return self.stage.process_batch(batch)
+        if self.setup_error is not None:
+            out = self.stage.setup_failed(self.setup_error, batch)
+        else:
+            out = self.stage.process_batch(batch)
+        missing = [c for c in self.stage.outputs() if c not in out]
+        if missing:
+            raise RuntimeError(
+                f"{self.stage.name} returned no column {missing} (it has {list(out)})."
+            )
+        return out
 
 
 def worker_device(num_gpus: float, stage: str, config_key: str) -> str:
@@ -77,30 +125,29 @@ def worker_device(num_gpus: float, stage: str, config_key: str) -> str:
     return "cuda"
 
 
-def check_resources(stage: Stage | Any, actors: int) -> None:
-    """Fail fast (instead of waiting forever) when the cluster can never place the actors.
+def check_resources(resources: Resources, count: int, name: str) -> None:
+    """Fail fast (instead of waiting forever) when the cluster can never place ``count`` workers.
 
-    Checks the running cluster: one actor's CPUs and GPUs must fit on some node, and all actors
-    together must fit in the cluster's totals. ``stage``: anything with ``name``, ``num_cpus`` and
-    ``num_gpus`` (a Stage, or the resource declaration of plain actors).
+    Checks the running cluster: one worker's CPUs and GPUs must fit on some node, and all
+    workers together must fit in the cluster's totals. ``name`` starts the messages.
     """
-    if actors < 1:
-        raise UserInputError(f"{stage.name}: actors must be >= 1, got {actors}.")
+    if count < 1:
+        raise UserInputError(f"{name}: actors must be >= 1, got {count}.")
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     per_node = [n.get("Resources", {}) for n in nodes]
-    for resource, need in (("GPU", stage.num_gpus), ("CPU", stage.num_cpus)):
+    for resource, need in (("GPU", resources.num_gpus), ("CPU", resources.num_cpus)):
         if need <= 0:
             continue
         best = max((r.get(resource, 0.0) for r in per_node), default=0.0)
         total = sum(r.get(resource, 0.0) for r in per_node)
         if need > best:
             raise UserInputError(
-                f"{stage.name}: each actor asks for {need:g} {resource} but the largest node has "
+                f"{name}: each actor asks for {need:g} {resource} but the largest node has "
                 f"{best:g}; lower the per-actor {resource} request or add bigger nodes."
             )
-        if need * actors > total:
+        if need * count > total:
             raise UserInputError(
-                f"{stage.name}: {actors} actors x {need:g} {resource} = {need * actors:g} {resource}, "
+                f"{name}: {count} actors x {need:g} {resource} = {need * count:g} {resource}, "
                 f"but the cluster has {total:g}; use fewer actors or add nodes."
             )
 
@@ -110,71 +157,23 @@ def map_stage(
     stage: Stage,
     *,
     actors: int,
+    min_actors: int | None = None,
     batch_size: int | None = None,
-    **map_kwargs: Any,
 ) -> ray.data.Dataset:
-    """Run ``stage`` over ``ds`` with an actor pool of ``actors`` workers."""
-    check_resources(stage, actors)
+    """Run ``stage`` over ``ds`` with an actor pool of ``actors`` workers (``min_actors``: start
+    with that many, up to ``actors``; default all).
+
+    Checks first, on the driver: the dataset has the stage's input columns, the cluster can
+    place the actors.
+    """
+    check_inputs(stage, ds.schema().names)
+    check_resources(stage.resources, actors, stage.name)
     return ds.map_batches(
         _StageWorker,
         fn_constructor_args=(stage,),
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=stage.num_cpus,
-        num_gpus=stage.num_gpus,
-        **map_kwargs,
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors or actors, max_size=actors),
+        num_cpus=stage.resources.num_cpus,
+        num_gpus=stage.resources.num_gpus,
     )
-
-
-@contextlib.contextmanager
-def shard_scheduling() -> Iterator[None]:
-    """Ray Data settings for shard-sized tasks, restored afterwards.
-
-    One shard in flight per actor (a queue behind a busy actor leaves others idle at the end);
-    wait for the whole pool before dispatching (else the first actor to load its model takes
-    most shards); progress bars on. ``ray.data.from_items`` copies the current DataContext.
-    """
-    ctx = ray.data.DataContext.get_current()
-    wanted = {
-        "max_tasks_in_flight_per_actor": 1,
-        "wait_for_min_actors_s": 600,
-        "enable_progress_bars": True,
-    }
-    saved = {k: getattr(ctx, k) for k in wanted}
-    for k, v in wanted.items():
-        setattr(ctx, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(ctx, k, v)
-
-
-def shard_is_complete(
-    uri: str, rows: int, signature: dict[str, Any], meta_key: bytes, what: str, fix: str
-) -> bool:
-    """True when ``uri`` is a complete shard made with ``signature`` (resume skips it).
-
-    A shard written by something else (another signature under ``meta_key``) is refused with
-    ``fix`` rather than silently mixed in; an unreadable leftover is made again (writes are
-    atomic, so this is rare).
-    """
-    if not storage.exists(uri):
-        return False
-    fs, path = storage.open_fs(uri)
-    try:
-        md = pq.read_metadata(path, filesystem=fs)
-    except (pa.ArrowInvalid, OSError):
-        return False
-    meta = md.schema.to_arrow_schema().metadata or {}
-    try:
-        found = json.loads(meta.get(meta_key, b"{}").decode())
-    except json.JSONDecodeError:
-        found = {}
-    if found != signature:
-        raise UserInputError(
-            f"'{uri}' already holds {what} ({found or 'not written by raycollapse'}); "
-            f"this run makes {signature}. {fix}"
-        )
-    return md.num_rows == rows

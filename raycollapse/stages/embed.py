@@ -4,11 +4,10 @@ Two levels, both built on ``features.extractors`` (which holds all the model cod
 
 - ``EmbedStage``: the batch-level stage, ``{"id", "image"} -> {"id", "embedding"}``; the model
   is built once per worker in ``setup``. Usable in any Ray Data pipeline and callable without Ray.
-- ``embed_pool``: the shard-level driver. One output shard per input shard, with the same file
-  name (``part-00007.parquet`` -> ``OUT/part-00007.parquet``), each written atomically by the actor
-  that embedded it. Ray Data maps an ``EmbedShardStage`` over a dataset of shard descriptions
-  (``batch_size=1``), so the unit of scheduling and of retry is a shard: a restarted actor
-  rewrites the same file, and re-running the command skips the shards already complete.
+- ``EmbedShardStage`` / ``embed_pool``: the shard job (``stages.shard_job``). One output shard per
+  input shard, with the same file name (``part-00007.parquet`` -> ``OUT/part-00007.parquet``),
+  each written atomically by the actor that embedded it; the shard-job runner handles resume,
+  scheduling, retries and errors as for generation.
 
 Output columns: ``id`` (int64), ``embedding`` (``fixed_size_list<float32|float16>[dim]``) and
 ``label`` when the input has one. The Parquet schema metadata holds ``raycollapse.features``,
@@ -16,11 +15,9 @@ Output columns: ``id`` (int64), ``embedding`` (``fixed_size_list<float32|float16
 which is how resume recognises a complete shard and refuses to mix two feature spaces in one
 folder.
 
-Errors: weights and resources are checked on the driver before any work. Errors inside an actor
-(a corrupt image, weights that do not fit the model) come back as a row with an ``error`` field
-instead of an exception, because Ray Data loses the exception type on the way (a model-load
-failure surfaces as ``ActorDiedError`` after init retries); the driver re-raises the first one
-as ``UserInputError`` naming the shard, and every shard finished before it stays on disk.
+Errors: weights and resources are checked on the driver before any work. A user error inside an
+actor (a corrupt image, weights that do not fit the model) is raised on the driver as
+``UserInputError`` naming the shard, and every shard finished before it stays on disk.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from raycollapse.config import FeaturesConfig, plain_section
 from raycollapse.errors import UserInputError
@@ -42,17 +38,10 @@ from raycollapse.features.extractors import Extractor, extractor_from_config
 from raycollapse.features.weights import ResolvedWeights, check_weights_available
 from raycollapse.io import storage
 from raycollapse.io.images import decode_image
-from raycollapse.stages.base import (
-    Batch,
-    Stage,
-    check_resources,
-    map_stage,
-    shard_is_complete,
-    shard_scheduling,
-    worker_device,
-)
+from raycollapse.stages.base import Batch, Resources, Stage, check_resources, worker_device
 from raycollapse.stages.embed_inputs import SHARD_ROWS, ShardTask, iter_shard, plan_shards
 from raycollapse.stages.runtime import ensure_ray
+from raycollapse.stages.shard_job import ShardJob, ShardStage, run_shard_job
 
 META_FEATURES = b"raycollapse.features"
 META_DIM = b"raycollapse.dim"
@@ -149,24 +138,29 @@ def embed_images(extractor: Extractor, images: list[np.ndarray], batch_size: int
 # The batch-level stage
 
 
+def build_extractor(features: dict[str, Any], num_gpus: float) -> Extractor:
+    """The configured extractor on this worker's device (CUDA when Ray gave it a GPU)."""
+    device = worker_device(num_gpus, "embed", "resources.embed_gpus_per_actor")
+    return extractor_from_config(features, device=device)
+
+
 @dataclass
 class EmbedStage(Stage):
-    """``process_batch({"id", "image"}) -> {"id", "embedding"}`` with the configured extractor."""
+    """``process_batch({"image"[, "id"]}) -> {"embedding"[, "id"]}`` with the configured extractor."""
 
     name: str = "embed"
     features: dict[str, Any] = field(default_factory=lambda: features_dict(None))
 
+    def inputs(self) -> tuple[str, ...]:
+        return ("image",)
+
+    def outputs(self) -> tuple[str, ...]:
+        return ("embedding",)
+
     def setup(self) -> None:
-        self.extractor = extractor_from_config(
-            self.features,
-            device=worker_device(self.num_gpus, "embed", "resources.embed_gpus_per_actor"),
-        )
+        self.extractor = build_extractor(self.features, self.resources.num_gpus)
 
     def process_batch(self, batch: Batch) -> Batch:
-        if "image" not in batch:
-            raise UserInputError(
-                f"embed: the batch has no 'image' column (it has: {', '.join(batch)})."
-            )
         images = images_from_column(batch["image"], name="batch")
         out: Batch = {
             "embedding": embed_images(self.extractor, images, int(self.features["batch_size"]))
@@ -192,26 +186,32 @@ def embeddings_table(
 
 
 @dataclass
-class EmbedShardStage(EmbedStage):
-    """Ray Data stage over shard descriptions: reads, embeds and writes one shard per row.
+class EmbedShardStage(ShardStage):
+    """Shard stage over :class:`ShardTask` rows: reads, embeds and writes one shard per row."""
 
-    ``process_batch`` returns ``{"shard", "rows", "seconds", "node_id", "error"}``; it never
-    raises for user errors (see the module docstring), and neither does ``setup``: a failed model
-    load is reported on every shard this actor is given, so the driver fails in seconds.
-    """
+    META_KEY = META_SIGNATURE
+    HOLDS = "different embeddings"
+    FIX = "Pass another --out, or delete that folder to recompute."
 
-    signature: dict[str, Any] = field(default_factory=dict)
+    name: str = "embed"
+    features: dict[str, Any] = field(default_factory=lambda: features_dict(None))
     image_column: str = "image"
 
-    def setup(self) -> None:
-        self._setup_error: str | None = None
-        try:
-            super().setup()
-        except Exception as exc:  # noqa: BLE001 - reported per shard, re-raised by the driver
-            self._setup_error = f"{type(exc).__name__}: {exc}"
+    def inputs(self) -> tuple[str, ...]:
+        return ShardTask.columns()
 
-    def process_shard(self, task: ShardTask) -> int:
+    def setup(self) -> None:
+        self.extractor = build_extractor(self.features, self.resources.num_gpus)
+
+    def shard_out(self, spec: dict[str, Any]) -> str:
+        return str(spec["out"])
+
+    def shard_rows(self, spec: dict[str, Any]) -> int:
+        return int(spec["stop"]) - int(spec["start"])
+
+    def process_shard(self, spec: dict[str, Any]) -> int:
         """Embed one shard and write it atomically; returns its row count."""
+        task = ShardTask.from_spec(spec)
         batch_size = int(self.features["batch_size"])
         ids_parts, emb_parts, label_parts = [], [], []
         for ids, images, labels in iter_shard(task, batch_size, self.image_column):
@@ -235,40 +235,37 @@ class EmbedShardStage(EmbedStage):
         storage.write_parquet_atomic(embeddings_table(ids, emb, labels, meta), task.out)
         return len(ids)
 
-    def process_batch(self, batch: Batch) -> Batch:
-        # which node did the work (tests check that shards spread); "" when called without Ray
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        rows: dict[str, list] = {
-            "shard": [],
-            "rows": [],
-            "seconds": [],
-            "node_id": [],
-            "error": [],
-            "user_error": [],
-        }
-        for i in range(len(batch["out"])):
-            task = ShardTask.from_batch(batch, i)
-            start = time.perf_counter()
-            n, error, user = 0, "", True
-            if self._setup_error:
-                error = self._setup_error
-                user = self._setup_error.startswith(UserInputError.__name__)
-            else:
-                try:
-                    n = self.process_shard(task)
-                except UserInputError as exc:
-                    error = str(exc)
-            rows["shard"].append(task.out)
-            rows["rows"].append(n)
-            rows["seconds"].append(time.perf_counter() - start)
-            rows["node_id"].append(node)
-            rows["error"].append(error)
-            rows["user_error"].append(user)
-        return {k: np.asarray(v) for k, v in rows.items()}
-
 
 # ---------------------------------------------------------------------------------------------
 # The driver
+
+
+def plan_embedding(
+    input_uri: str | Path,
+    out_uri: str | Path,
+    features_cfg: Any = None,
+    *,
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    cpus_per_actor: float = 1.0,
+    batch_size: int | None = None,
+    shard_rows: int = SHARD_ROWS,
+    image_column: str = "image",
+) -> ShardJob:
+    """The shard job that embeds INPUT (see :func:`embed_pool`); weights, resources and every
+    input shard are checked here, before any Ray work."""
+    features = features_dict(features_cfg, batch_size)
+    weights = resolve_weights(features)  # before any work: a missing file fails here, in seconds
+    ensure_ray()
+    stage = EmbedShardStage(
+        resources=Resources(num_cpus=float(cpus_per_actor), num_gpus=float(gpus_per_actor)),
+        features=features, signature=signature(features, weights), image_column=image_column,
+    )  # fmt: skip
+    check_resources(stage.resources, int(actors), stage.name)
+    tasks = plan_shards(
+        str(input_uri), str(out_uri), shard_rows=shard_rows, image_column=image_column
+    )
+    return ShardJob(stage, [t.to_item() for t in tasks], str(out_uri), int(actors))
 
 
 def embed_pool(
@@ -285,60 +282,25 @@ def embed_pool(
 ) -> dict[str, Any]:
     """Embed every shard of ``input_uri`` into ``out_uri`` (same shard names); resume-safe.
 
-    Returns metrics: features, dim, rows, shards, shards_embedded, shards_skipped, rows_embedded,
-    seconds, images_per_second (rows embedded / wall seconds of the Ray part), actors, nodes
-    (distinct nodes that embedded a shard) and node_ids.
+    Returns metrics: features, pretrained, dim, rows, shards, shards_embedded, shards_skipped,
+    rows_embedded, seconds, images_per_second (rows embedded / wall seconds of the Ray part),
+    shard_seconds, actors, nodes (distinct nodes that embedded a shard), node_ids,
+    stage_retries, out.
     """
     start = time.perf_counter()
-    features = features_dict(features_cfg, batch_size)
-    weights = resolve_weights(features)  # before any work: a missing file fails here, in seconds
-    sig = signature(features, weights)
-    ensure_ray()
-    stage = EmbedShardStage(
-        num_cpus=float(cpus_per_actor), num_gpus=float(gpus_per_actor),
-        features=features, signature=sig, image_column=image_column,
+    job = plan_embedding(
+        input_uri, out_uri, features_cfg, actors=actors, gpus_per_actor=gpus_per_actor,
+        cpus_per_actor=cpus_per_actor, batch_size=batch_size, shard_rows=shard_rows,
+        image_column=image_column,
     )  # fmt: skip
-    check_resources(stage, int(actors))
-    tasks = plan_shards(
-        str(input_uri), str(out_uri), shard_rows=shard_rows, image_column=image_column
-    )
-    todo = [
-        t for t in tasks
-        if not shard_is_complete(
-            t.out, t.rows, sig, META_SIGNATURE, "different embeddings",
-            "Pass another --out, or delete that folder to recompute.",
-        )
-    ]  # fmt: skip
-    results: list[dict[str, Any]] = []
-    run_start = time.perf_counter()
-    n_actors = max(1, min(int(actors), len(todo)))
-    if todo:
-        storage.makedirs(out_uri)
-        with shard_scheduling():
-            ds = ray.data.from_items([t.to_item() for t in todo], override_num_blocks=len(todo))
-            out = map_stage(ds, stage, actors=n_actors, batch_size=1)
-            for row in out.iter_rows():
-                if row["error"]:
-                    cls = UserInputError if row["user_error"] else RuntimeError
-                    raise cls(f"embedding shard '{row['shard']}' failed: {row['error']}")
-                results.append(row)
-    run_seconds = time.perf_counter() - run_start
-    embedded = sum(int(r["rows"]) for r in results)
-    node_ids = sorted({str(r["node_id"]) for r in results})
+    result = run_shard_job(job)
+    sig = job.stage.signature
     return {
-        "features": features["name"],
-        "pretrained": weights.describe(),
-        "dim": _read_dim(tasks[0].out) if tasks else None,
-        "rows": sum(t.rows for t in tasks),
-        "shards": len(tasks),
-        "shards_embedded": len(results),
-        "shards_skipped": len(tasks) - len(todo),
-        "rows_embedded": embedded,
-        "seconds": time.perf_counter() - start,
-        "images_per_second": embedded / run_seconds if embedded and run_seconds > 0 else 0.0,
-        "actors": n_actors if todo else 0,
-        "nodes": len(node_ids),
-        "node_ids": node_ids,
+        "features": sig["features"],
+        "pretrained": sig["pretrained"],
+        "dim": _read_dim(job.specs[0]["out"]) if job.specs else None,
+        "rows": sum(job.stage.shard_rows(s) for s in job.specs),
+        **result.metrics("embedded", start),
         "out": str(out_uri),
     }
 

@@ -9,8 +9,8 @@ in mini-batches inside the actor.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 from raycollapse.errors import UserInputError
 from raycollapse.io import storage
 from raycollapse.io.images import decode_image, list_image_files
-from raycollapse.stages.base import Batch
 
 SHARD_ROWS = 4096  # rows per shard when INPUT is a .npy or an image folder
 
@@ -53,12 +52,18 @@ class ShardTask:
         return asdict(self)
 
     @classmethod
-    def from_batch(cls, batch: Batch, i: int) -> ShardTask:
+    def columns(cls) -> tuple[str, ...]:
+        """The fields, as the columns of a Ray Data row."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> ShardTask:
+        """Back from a row whose values may be numpy scalars."""
         conv = {
             "kind": str, "source": str, "out": str, "files": str,
             "start": int, "stop": int, "offset": int, "has_id": bool, "has_label": bool,
         }  # fmt: skip
-        return cls(**{k: f(batch[k][i]) for k, f in conv.items()})
+        return cls(**{k: f(spec[k]) for k, f in conv.items()})
 
 
 def _relative(path: str, root: str) -> str:

@@ -1,13 +1,12 @@
 """Generation stage: checkpoint -> a pool of ``n`` samples as Parquet shards, on a Ray Data actor pool.
 
-- ``GenerateStage``: the shard-level stage. ``setup`` loads the checkpoint once per actor (CUDA
-  when Ray gave the actor a GPU, else CPU); ``process_batch`` takes shard specs
-  ``{shard, id_start, id_end}``, samples those ids with ``diffusion.sampling.sample_images`` and writes
-  ``part-{shard:05d}.parquet`` atomically, returning ``{shard, rows, seconds, node_id, error}``.
-  Callable without Ray (tests do).
-- ``generate_pool``: the driver. Checks the checkpoint and the resources before any Ray work, maps
-  the stage over a dataset of shard specs (``batch_size=1``: a shard is the unit of scheduling and
-  of retry), skips shards already complete (resume), and returns metrics.
+- ``GenerateStage``: the shard stage (``stages.shard_job``). ``setup`` loads the checkpoint once
+  per actor (CUDA when Ray gave the actor a GPU, else CPU); ``process_shard`` takes a shard spec
+  ``{shard, id_start, id_end}``, samples those ids with ``diffusion.sampling.sample_images`` and
+  writes ``part-{shard:05d}.parquet`` atomically. Callable without Ray (tests do).
+- ``plan_generation``: checks the checkpoint and the resources before any Ray work and returns
+  the shard job; ``generate_pool`` runs it (``stages.shard_job.run_shard_job``: resume, actor
+  pool, retries) and returns metrics.
 
 Rows: ``id`` (int64, 0 … n−1), ``image`` (PNG bytes), ``label`` (nullable int64: null for an
 unconditional model), ``iteration`` (int64), ``seed`` (int64). The Parquet schema metadata holds
@@ -19,18 +18,14 @@ seed, ``i``, sampler settings, ``group_size``) (see ``diffusion.sampling``), and
 multiples of ``group_size``, so every network batch is the same aligned group of ids whichever
 actor computes it (bit-identical on one kind of device; CPU and GPU kernels round differently).
 
-Failures: an actor that crashes is restarted by Ray Data (its actor pool sets ``max_restarts=-1``
-and ``max_task_retries=-1`` by default) and its shard recomputed and rewritten under the same
-name. An actor killed for good (``ray.kill`` without ``no_restart=False``, a lost node) makes Ray
-Data fail the job with ``ActorDiedError``; ``generate_pool`` then runs the stage again for the
-shards not yet on disk (``STAGE_RETRIES`` times at most). Either way every id is written once.
+Failures (a crashed or lost actor, a user error in a worker) are handled by the shard-job
+runner, the same way for every shard stage: every id is written once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,26 +33,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 
 from raycollapse.errors import UserInputError
 from raycollapse.io import storage
-from raycollapse.stages.base import (
-    Batch,
-    Stage,
-    check_resources,
-    map_stage,
-    shard_is_complete,
-    shard_scheduling,
-    worker_device,
-)
+from raycollapse.stages.base import Resources, check_resources, worker_device
 from raycollapse.stages.runtime import ensure_ray
-
-logger = logging.getLogger(__name__)
+from raycollapse.stages.shard_job import ShardJob, ShardStage, run_shard_job
 
 META_KEY = b"raycollapse.generate"
-# whole-stage re-runs after an actor is lost for good (each redoes only the missing shards)
-STAGE_RETRIES = 3
 SAMPLE_KEYS = ("sampler", "steps", "eta", "guidance", "label", "group_size")
 SCHEMA = pa.schema(
     [
@@ -115,13 +98,12 @@ def _weights_digest(checkpoint: Path) -> str:
 
 
 @dataclass
-class GenerateStage(Stage):
-    """Ray Data stage over shard specs: samples, encodes and writes one shard per row.
+class GenerateStage(ShardStage):
+    """Shard stage over shard specs ``{shard, id_start, id_end}``: samples, encodes, writes."""
 
-    ``process_batch`` never raises for user errors: like the embed stage, a failure comes back as
-    a row with ``error`` set (Ray Data loses exception types, and a failed ``setup`` would surface
-    as ``ActorDiedError`` after init retries); ``generate_pool`` re-raises it.
-    """
+    META_KEY = META_KEY
+    HOLDS = "a different pool"
+    FIX = "Pass another output folder, or delete that one to regenerate."
 
     name: str = "generate"
     checkpoint: str = ""
@@ -129,20 +111,18 @@ class GenerateStage(Stage):
     seed: int = 0
     iteration: int = 0
     sample: dict[str, Any] = field(default_factory=lambda: sample_settings(None))
-    signature: dict[str, Any] = field(default_factory=dict)
+
+    def inputs(self) -> tuple[str, ...]:
+        return ("shard", "id_start", "id_end")
 
     def setup(self) -> None:
-        self._setup_error: str | None = None
-        try:
-            from raycollapse.diffusion.checkpoint import load_checkpoint
+        from raycollapse.diffusion.checkpoint import load_checkpoint
 
-            self.device = worker_device(
-                self.num_gpus, "generate", "resources.generate_gpus_per_actor"
-            )
-            self.ckpt = load_checkpoint(self.checkpoint, device=self.device)
-            self.labels_for(np.zeros(1, dtype=np.int64))  # label / guidance problems, once
-        except Exception as exc:  # noqa: BLE001 - reported per shard, re-raised by the driver
-            self._setup_error = f"{type(exc).__name__}: {exc}"
+        self.device = worker_device(
+            self.resources.num_gpus, "generate", "resources.generate_gpus_per_actor"
+        )
+        self.ckpt = load_checkpoint(self.checkpoint, device=self.device)
+        self.labels_for(np.zeros(1, dtype=np.int64))  # label / guidance problems, once
 
     def labels_for(self, ids: np.ndarray) -> np.ndarray | None:
         """Each id's class (``None`` for an unconditional model): a function of the id only."""
@@ -188,28 +168,17 @@ class GenerateStage(Stage):
         )
         return table.replace_schema_metadata({META_KEY: json.dumps(self.signature, sort_keys=True)})
 
-    def process_shard(self, shard: int, id_start: int, id_end: int) -> int:
-        """Generate one shard and write it atomically under its deterministic name; its row count."""
-        table = self.shard_table(id_start, id_end)
-        storage.write_parquet_atomic(table, storage.join(self.out_uri, shard_name(shard)))
-        return table.num_rows
+    def shard_out(self, spec: dict[str, Any]) -> str:
+        return storage.join(self.out_uri, shard_name(int(spec["shard"])))
 
-    def process_batch(self, batch: Batch) -> Batch:
-        # which node did the work (tests check that shards spread); "" when called without Ray
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        rows: list[tuple] = []
-        for shard, lo, hi in zip(batch["shard"], batch["id_start"], batch["id_end"], strict=True):
-            start = time.perf_counter()
-            n, error = 0, self._setup_error or ""
-            if not error:
-                try:
-                    n = self.process_shard(int(shard), int(lo), int(hi))
-                except UserInputError as exc:
-                    error = f"{UserInputError.__name__}: {exc}"
-            user = not error or error.startswith(UserInputError.__name__)
-            rows.append((int(shard), n, time.perf_counter() - start, node, error, user))
-        names = ("shard", "rows", "seconds", "node_id", "error", "user_error")
-        return {k: np.asarray(col) for k, col in zip(names, zip(*rows, strict=True), strict=True)}
+    def shard_rows(self, spec: dict[str, Any]) -> int:
+        return int(spec["id_end"]) - int(spec["id_start"])
+
+    def process_shard(self, spec: dict[str, Any]) -> int:
+        """Generate one shard and write it atomically under its deterministic name; its row count."""
+        table = self.shard_table(int(spec["id_start"]), int(spec["id_end"]))
+        storage.write_parquet_atomic(table, self.shard_out(spec))
+        return table.num_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,18 +220,60 @@ def check_checkpoint(checkpoint: str | Path, sample: dict[str, Any]) -> dict[str
     return meta
 
 
-def _run_shards(
-    todo: list[dict[str, int]], stage: GenerateStage, actors: int, results: list[dict[str, Any]]
-) -> None:
-    """Map ``stage`` over the shard specs on an actor pool; append each shard's result row."""
-    storage.makedirs(stage.out_uri)
-    with shard_scheduling():
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-        for row in map_stage(ds, stage, actors=min(actors, len(todo)), batch_size=1).iter_rows():
-            if row["error"]:
-                cls = UserInputError if row["user_error"] else RuntimeError
-                raise cls(f"generating shard {shard_name(row['shard'])} failed: {row['error']}")
-            results.append(row)
+def _shard_size(sample: dict[str, Any], shard_size: int | None) -> int:
+    """``shard_size`` (default ``sample.batch_size``) rounded up to whole ``group_size`` groups."""
+    size = int(shard_size) if shard_size is not None else sample["batch_size"]
+    if size < 1:
+        raise UserInputError(f"the shard size must be >= 1, got {size}.")
+    group = sample["group_size"]
+    return -(-size // group) * group  # whole aligned groups: shards independent of actors
+
+
+def plan_generation(
+    checkpoint: str | Path,
+    out_uri: str | Path,
+    n: int,
+    *,
+    seed: int,
+    sample_cfg: Any = None,
+    iteration: int = 0,
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    cpus_per_actor: float = 1.0,
+    shard_size: int | None = None,
+) -> ShardJob:
+    """The shard job that generates samples ``0 … n−1`` (see :func:`generate_pool`).
+
+    Every check that can fail before any Ray work happens here: the checkpoint and sampler
+    settings, the cluster's resources, and an output folder holding another pool's shards.
+    """
+    sample = sample_settings(sample_cfg)
+    root = Path(checkpoint).absolute()
+    meta = check_checkpoint(root, sample)  # before Ray: a wrong path fails in a second
+    specs = shard_specs(int(n), _shard_size(sample, shard_size))
+    sig = {
+        "weights": _weights_digest(root),
+        "seed": int(seed),
+        "iteration": int(iteration),
+        "preset": meta["preset"],
+        **{k: sample[k] for k in SAMPLE_KEYS},
+    }
+    out = str(out_uri)
+    stage = GenerateStage(
+        resources=Resources(num_cpus=float(cpus_per_actor), num_gpus=float(gpus_per_actor)),
+        checkpoint=str(root), out_uri=out, seed=int(seed), iteration=int(iteration),
+        sample=sample, signature=sig,
+    )  # fmt: skip
+    ensure_ray()
+    check_resources(stage.resources, int(actors), stage.name)
+    planned = {shard_name(s["shard"]) for s in specs}
+    extra = [f for f in storage.list_files(out, ".parquet") if f.rsplit("/", 1)[-1] not in planned]
+    if extra:
+        raise UserInputError(
+            f"'{out}' holds shards beyond this pool of {n} samples (e.g. '{extra[0]}'); "
+            "pass another output folder, or delete that one."
+        )
+    return ShardJob(stage, specs, out, int(actors))
 
 
 def generate_pool(
@@ -289,86 +300,16 @@ def generate_pool(
     included), shard_seconds (summed over shards), actors, nodes, node_ids, stage_retries, out.
     """
     start = time.perf_counter()
-    sample = sample_settings(sample_cfg)
-    root = Path(checkpoint).absolute()
-    meta = check_checkpoint(root, sample)  # before Ray: a wrong path fails in a second
-    group = sample["group_size"]
-    size = int(shard_size) if shard_size is not None else sample["batch_size"]
-    if size < 1:
-        raise UserInputError(f"the shard size must be >= 1, got {size}.")
-    size = -(-size // group) * group  # whole aligned groups: shards independent of actors
-    specs = shard_specs(int(n), size)
-    sig = {
-        "weights": _weights_digest(root),
-        "seed": int(seed),
-        "iteration": int(iteration),
-        "preset": meta["preset"],
-        **{k: sample[k] for k in SAMPLE_KEYS},
-    }
-    out = str(out_uri)
-    stage = GenerateStage(
-        num_cpus=float(cpus_per_actor), num_gpus=float(gpus_per_actor), checkpoint=str(root),
-        out_uri=out, seed=int(seed), iteration=int(iteration), sample=sample, signature=sig,
+    job = plan_generation(
+        checkpoint, out_uri, n, seed=seed, sample_cfg=sample_cfg, iteration=iteration,
+        actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+        shard_size=shard_size,
     )  # fmt: skip
-    ensure_ray()
-    check_resources(stage, int(actors))
-    planned = {shard_name(s["shard"]) for s in specs}
-    extra = [f for f in storage.list_files(out, ".parquet") if f.rsplit("/", 1)[-1] not in planned]
-    if extra:
-        raise UserInputError(
-            f"'{out}' holds shards beyond this pool of {n} samples (e.g. '{extra[0]}'); "
-            "pass another output folder, or delete that one."
-        )
-
-    def missing() -> list[dict[str, int]]:
-        return [
-            s
-            for s in specs
-            if not shard_is_complete(
-                storage.join(out, shard_name(s["shard"])),
-                s["id_end"] - s["id_start"],
-                sig,
-                META_KEY,
-                "a different pool",
-                "Pass another output folder, or delete that one to regenerate.",
-            )  # fmt: skip
-        ]
-
-    todo = missing()
-    shards_todo, rows_todo = len(todo), sum(s["id_end"] - s["id_start"] for s in todo)
-    results: list[dict[str, Any]] = []
-    n_actors = max(1, min(int(actors), len(todo)))
-    retries = 0
-    run_start = time.perf_counter()
-    while todo:
-        try:
-            _run_shards(todo, stage, n_actors, results)
-            break
-        except ray.exceptions.RayActorError as exc:
-            # An actor killed for good (ray.kill's default no_restart=True, a lost node) fails
-            # the whole Ray Data job; actors that crash are restarted by Ray Data itself. The
-            # shards written so far are complete files, so running again redoes only the rest.
-            retries += 1
-            if retries > STAGE_RETRIES:
-                raise
-            logger.warning("generate: %s; running the unfinished shards again", type(exc).__name__)
-            todo = missing()
-    run_seconds = time.perf_counter() - run_start
-    node_ids = sorted({str(r["node_id"]) for r in results})
+    result = run_shard_job(job)
     return {
         "rows": int(n),
-        "shards": len(specs),
-        "shard_size": size,
-        "shards_generated": shards_todo,
-        "shards_skipped": len(specs) - shards_todo,
-        "rows_generated": rows_todo,
-        "seconds": time.perf_counter() - start,
-        "images_per_second": rows_todo / run_seconds if rows_todo and run_seconds > 0 else 0.0,
-        # time the actors spent in process_batch (sampling + encoding + writing), start-up excluded
-        "shard_seconds": float(sum(float(r["seconds"]) for r in results)),
-        "actors": n_actors if shards_todo else 0,
-        "nodes": len(node_ids),
-        "node_ids": node_ids,
-        "stage_retries": retries,
-        "out": out,
+        "shards": result.shards,
+        "shard_size": _shard_size(sample_settings(sample_cfg), shard_size),
+        **result.metrics("generated", start),
+        "out": job.out,
     }

@@ -27,7 +27,6 @@ from __future__ import annotations
 import numbers
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,8 @@ from raycollapse.io.storage import read_parquet
 from raycollapse.metrics.scores import generalization_from_distances, memorized_from_distances
 from raycollapse.neighbors.knn import ExactIndex, KnnMethod, KnnResult, drop_self, merge_topk
 from raycollapse.neighbors.validate import as_features, check_k
-from raycollapse.stages.base import check_resources
+from raycollapse.stages.base import Resources, check_resources
+from raycollapse.stages.errors import raise_if_user_error
 from raycollapse.stages.knn_shard_inputs import (
     Piece,
     check_shards,
@@ -62,15 +62,6 @@ __all__ = [
 # Query batches submitted ahead of the one being merged: keeps every actor busy while the
 # driver merges, and bounds the object-store memory used by in-flight batches.
 _WINDOW = 4
-
-
-@dataclass
-class _ShardResources:
-    """What one shard actor asks for, so :func:`check_resources` can vet it before starting."""
-
-    name: str = "knn shards"
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
 
 
 @ray.remote
@@ -147,9 +138,7 @@ def _get(refs: Any) -> Any:
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, UserInputError):
-            raise UserInputError(str(cause)) from None
+        raise_if_user_error(exc)
         raise
 
 
@@ -235,9 +224,7 @@ class ShardedIndex:
         shards = check_shards(shards, n)
         bounds = (np.arange(shards + 1, dtype=np.int64) * n) // shards
         ensure_ray()
-        check_resources(
-            _ShardResources(num_cpus=num_cpus_per_shard, num_gpus=num_gpus_per_shard), shards
-        )
+        check_resources(Resources(num_cpus_per_shard, num_gpus_per_shard), shards, "knn shards")
         opts: dict[str, Any] = {"num_cpus": num_cpus_per_shard, "num_gpus": num_gpus_per_shard}
         if spread:
             opts["scheduling_strategy"] = "SPREAD"
@@ -383,10 +370,6 @@ class ShardedIndex:
         """Share of ``generated`` rows with d1 < ratio * d2 against the database rows."""
         res = self.search(generated, 2)
         return memorized_from_distances(res.distances[:, 0], res.distances[:, 1], ratio)
-
-    def node_ids(self) -> list[str]:
-        """The Ray node of each shard actor, in shard order."""
-        return _get([a.node_id.remote() for a in self._actors])
 
     def shutdown(self) -> None:
         """Kill the shard actors (idempotent)."""
