@@ -210,7 +210,7 @@ def test_greedy_beats_random_min_distance(capsys, emb, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--budget", "0"], "budget must be >= 1, got 0; pass --budget B with 1 <= B <= N."),
+        (["--budget", "0"], "select.budget must be >= 1, got 0; pass --budget B with 1 <= B <= N."),
         (
             ["--budget", "301"],
             "budget 301 is larger than the number of rows N=300; pass --budget <= 300.",
@@ -218,15 +218,15 @@ def test_greedy_beats_random_min_distance(capsys, emb, tmp_path):
         ([], "no budget given; pass --budget B (select.budget=B) with B >= 1."),
         (
             ["--budget", "5", "--method", "threshold", "--decay", "1.5"],
-            "decay must be in (0, 1), got 1.5; e.g. --decay 0.9.",
+            "select.decay must be in (0, 1), got 1.5; e.g. --decay 0.9.",
         ),
         (
             ["--budget", "5", "--method", "threshold", "--decay", "0"],
-            "decay must be in (0, 1), got 0.0; e.g. --decay 0.9.",
+            "select.decay must be in (0, 1), got 0.0; e.g. --decay 0.9.",
         ),
         (
             ["--budget", "5", "--method", "threshold", "--tau0", "-1"],
-            "tau0 must be > 0, got -1.0; pass a positive --tau0 or omit it to derive it.",
+            "select.tau0 must be > 0, got -1.0; pass a positive --tau0 or omit it (null) to derive it from the data.",
         ),
         (
             ["--budget", "5", "select.method=none"],
@@ -285,7 +285,7 @@ def test_entropy_bad_input(capsys, tmp_path):
     assert err == f"{prefix}k must be < number of points N=5, got 5; lower --k\n"
     code, _, err = _run(capsys, "entropy", str(ok), "--k", "0")
     assert code == 2
-    assert err == f"{prefix}k must be >= 1, got 0; raise --k (the paper uses k=3)\n"
+    assert err == f"{prefix}knn.k must be >= 1, got 0; raise --k (the paper uses k=3).\n"
     missing = tmp_path / "missing"
     code, _, err = _run(capsys, "entropy", str(missing))
     assert code == 2

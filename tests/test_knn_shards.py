@@ -12,7 +12,7 @@ import pytest
 from raycollapse.cli.main import main
 from raycollapse.curation.entropy import kl_entropy
 from raycollapse.errors import UserInputError
-from raycollapse.metrics.scores import generalization_score, memorized_fraction
+from raycollapse.metrics.memorization import generalization_score, memorized_fraction
 from raycollapse.neighbors.knn import knn_search, knn_self
 from raycollapse.stages.knn_shards import ShardedIndex
 

@@ -217,7 +217,7 @@ def check_features(features: FeaturesConfig, names: tuple[str, ...] | None = Non
 def check_knn(knn: KnnConfig) -> None:
     """k, the duplicate floor, batch size, shards and bootstrap replicates."""
     if knn.k < 1:
-        raise UserInputError(f"knn.k must be >= 1, got {knn.k}.")
+        raise UserInputError(f"knn.k must be >= 1, got {knn.k}; raise --k (the paper uses k=3).")
     if not knn.eps > 0:
         raise UserInputError(f"knn.eps must be > 0, got {knn.eps}; e.g. 1e-10.")
     if knn.batch_size < 1:

@@ -32,12 +32,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raycollapse.config import FeaturesConfig, plain_section
+from raycollapse.config import FeaturesConfig, to_dict
 from raycollapse.errors import UserInputError
 from raycollapse.features.extractors import Extractor, extractor_from_config
 from raycollapse.features.weights import ResolvedWeights, check_weights_available
 from raycollapse.io import storage
-from raycollapse.io.images import decode_image
+from raycollapse.io.images import decode_column
 from raycollapse.stages.base import Batch, Resources, Stage, check_resources, worker_device
 from raycollapse.stages.embed_inputs import SHARD_ROWS, ShardTask, iter_shard, plan_shards
 from raycollapse.stages.runtime import ensure_ray
@@ -57,7 +57,7 @@ def features_dict(features: Any, batch_size: int | None = None) -> dict[str, Any
 
     Plain data travels to the actors; a DictConfig would drag OmegaConf's struct flags along.
     """
-    out = plain_section(features, FeaturesConfig)
+    out = to_dict(features, FeaturesConfig)
     if batch_size is not None:
         out["batch_size"] = int(batch_size)
     if int(out["batch_size"]) < 1:
@@ -87,25 +87,6 @@ def signature(features: dict[str, Any], weights: ResolvedWeights) -> dict[str, A
     if features["name"] == "dinov2":
         sig["image_size"] = int(features["dinov2_image_size"])
     return sig
-
-
-def images_from_column(values: Any, *, name: str = "") -> list[np.ndarray]:
-    """An ``image`` column (encoded bytes, or arrays) -> a list of uint8 ``H x W x C`` arrays."""
-    if isinstance(values, np.ndarray) and values.dtype != object:
-        arr = values if values.ndim == 4 else values[..., None]
-        return list(arr)
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, bytes | bytearray):
-            out.append(decode_image(bytes(v), name=f"{name} row {i}"))
-        elif v is None:
-            raise UserInputError(
-                f"{name} row {i}: the image is null; drop the row or regenerate the pool."
-            )
-        else:
-            arr = np.asarray(v)
-            out.append(arr if arr.ndim == 3 else arr[..., None])
-    return out
 
 
 def embed_images(extractor: Extractor, images: list[np.ndarray], batch_size: int) -> np.ndarray:
@@ -161,7 +142,7 @@ class EmbedStage(Stage):
         self.extractor = build_extractor(self.features, self.resources.num_gpus)
 
     def process_batch(self, batch: Batch) -> Batch:
-        images = images_from_column(batch["image"], name="batch")
+        images = decode_column(batch["image"], name="batch")
         out: Batch = {
             "embedding": embed_images(self.extractor, images, int(self.features["batch_size"]))
         }

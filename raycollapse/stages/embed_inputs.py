@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from raycollapse.errors import UserInputError
 from raycollapse.io import storage
-from raycollapse.io.images import decode_image, list_image_files
+from raycollapse.io.images import decode_column, list_image_files
 
 SHARD_ROWS = 4096  # rows per shard when INPUT is a .npy or an image folder
 
@@ -182,7 +182,7 @@ def iter_shard(
         for lo in range(0, len(files), batch_size):
             chunk = files[lo : lo + batch_size]
             ids = np.arange(task.offset + lo, task.offset + lo + len(chunk), dtype=np.int64)
-            yield ids, [decode_image(f) for f in chunk], None
+            yield ids, decode_column([Path(f) for f in chunk]), None
         return
     fs, path = storage.open_fs(task.source)
     columns = (
@@ -206,12 +206,6 @@ def iter_shard(
                 ids = id_col.to_numpy(zero_copy_only=False).astype(np.int64)
             else:
                 ids = np.arange(task.offset + seen, task.offset + seen + n, dtype=np.int64)
-            images = []
-            for i, v in enumerate(col.to_pylist()):
-                if v is None:
-                    raise UserInputError(
-                        f"'{task.source}' row {seen + i}: the image is null; drop the row or regenerate the pool."
-                    )
-                images.append(decode_image(v, name=f"{task.source} row {seen + i}"))
+            images = decode_column(col, name=task.source, first_row=seen)
             yield ids, images, (rb.column("label") if task.has_label else None)
             seen += n

@@ -77,9 +77,9 @@ def sample_settings(sample_cfg: Any) -> dict[str, Any]:
     take the ``SampleConfig`` defaults.
     """
 
-    from raycollapse.config import SampleConfig, plain_section
+    from raycollapse.config import SampleConfig, to_dict
 
-    merged = plain_section(sample_cfg, SampleConfig)
+    merged = to_dict(sample_cfg, SampleConfig)
     out = {k: merged[k] for k in SAMPLE_KEYS}
     out.update(steps=int(out["steps"]), eta=float(out["eta"]), group_size=int(out["group_size"]))
     if out["group_size"] < 1:

@@ -34,10 +34,11 @@ import numpy as np
 import ray
 
 from raycollapse.curation.entropy import EntropyResult, entropy_from_knn_distances
-from raycollapse.data.inputs import EMBEDDING_COLUMN, _list_column_to_matrix
+from raycollapse.data.inputs import EMBEDDING_COLUMN
 from raycollapse.errors import UserInputError
+from raycollapse.io.parquet import list_column_to_matrix
 from raycollapse.io.storage import read_parquet
-from raycollapse.metrics.scores import generalization_from_distances, memorized_from_distances
+from raycollapse.metrics.memorization import generalization_from_distances, memorized_from_distances
 from raycollapse.neighbors.knn import ExactIndex, KnnMethod, KnnResult, drop_self, merge_topk
 from raycollapse.neighbors.validate import as_features, check_k
 from raycollapse.stages.base import Resources, check_resources
@@ -101,7 +102,7 @@ class KnnShard:
         for p in pieces:
             table = read_parquet(p.path, columns=[column]).slice(p.start, p.stop - p.start)
             values = table.column(column).combine_chunks()
-            parts.append(_list_column_to_matrix(values, column, p.path).astype(np.float32))
+            parts.append(list_column_to_matrix(values, column, p.path))
         return self.load_array(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
     def search(self, queries: np.ndarray, k: int, batch_size: int) -> KnnResult:

@@ -32,7 +32,6 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,8 @@ from raycollapse.data.records import Records
 from raycollapse.errors import UserInputError
 from raycollapse.io import storage
 from raycollapse.io.atomic import install_dir
-from raycollapse.stages.base import Batch, Stage, check_resources
+from raycollapse.stages.base import Resources, check_resources
+from raycollapse.stages.errors import raise_if_user_error
 from raycollapse.stages.runtime import ensure_ray
 from raycollapse.stages.train_data import rank_seed, read_shard, training_dataset
 
@@ -166,27 +166,8 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-@dataclass
-class _TrainWorkers(Stage):
-    """Only the resource request of the training workers, for ``check_resources``."""
-
-    name: str = "train"
-
-    def process_batch(self, batch: Batch) -> Batch:  # pragma: no cover - never mapped
-        raise NotImplementedError
-
-
 # ---------------------------------------------------------------------------------------------
 # The driver
-
-
-def _user_error(exc: BaseException) -> UserInputError | None:
-    """The ``UserInputError`` a worker raised, found inside Ray Train's wrappers."""
-    seen: list[BaseException] = [exc]
-    seen += list(getattr(exc, "worker_failures", {}).values())
-    for e in list(seen):
-        seen += [x for x in (getattr(e, "_base_exc", None), e.__cause__) if x is not None]
-    return next((e for e in seen if isinstance(e, UserInputError)), None)
 
 
 def train_distributed(
@@ -235,7 +216,7 @@ def train_distributed(
     ensure_ray()
     threads = int(tc.get("cpu_threads") or 1)
     check_resources(
-        _TrainWorkers(num_cpus=float(threads), num_gpus=1.0 if tc["use_gpu"] else 0.0), workers
+        Resources(num_cpus=float(threads), num_gpus=1.0 if tc["use_gpu"] else 0.0), workers, "train"
     )
     ds, labels, source = training_dataset(train_uri_or_records)
     if len(labels) < workers:
@@ -283,9 +264,7 @@ def train_distributed(
     try:
         result = trainer.fit()
     except Exception as exc:
-        user = _user_error(exc)
-        if user is not None:
-            raise UserInputError(str(user)) from None
+        raise_if_user_error(exc)
         raise
     out = dict(result.return_value or {})
     if "error" in out:
