@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "embed": "raycollapse.cli.embed_cmd",
     "run": "raycollapse.cli.run_cmd",
     "report": "raycollapse.cli.report_cmd",
+    "sweep": "raycollapse.cli.sweep_cmd",
 }
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from raycollapse.config import Config, load_config, to_dict
+from raycollapse.config.checks import check_run, feature_spaces
 from raycollapse.errors import UserInputError
 from raycollapse.sweeps.space import SearchSpace, parse_space
 
@@ -205,8 +206,6 @@ def _load_base(base: Any, overrides: list[str]) -> DictConfig:
 
 def loop_metric_names(cfg: DictConfig) -> set[str]:
     """The metric columns of the loop's per-iteration rows for the loop config ``cfg``."""
-    from raycollapse.loop.checks import feature_spaces
-
     names = set(_LOOP_COMMON) | {f"seconds_{s}" for s in _LOOP_STAGES}
     for i, f in enumerate(feature_spaces(cfg)):
         suffix = "" if i == 0 else f"_{f}"
@@ -244,10 +243,8 @@ def check_sweep(sweep: Sweep, pool_rows: int | None = None) -> list[DictConfig]:
         _check_select(sweep, configs, pool_rows)
         metrics: set[str] = set(SELECT_METRICS)
     else:
-        from raycollapse.loop.checks import check_static
-
         for cfg in configs:
-            check_static(cfg)
+            check_run(cfg)
         most = max(int(cfg.loop.iterations) for cfg in configs)
         if c.scheduler.name == "asha" and c.scheduler.grace_period > most:
             raise UserInputError(
