@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import signal
 import subprocess
@@ -304,7 +303,8 @@ def test_fid_is_the_frechet_distance_of_inception_features(ray_local, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_cfg(
         run,
-        "data.n=40",
+        "data.n=12",
+        "loop.train_size=8",
         "loop.iterations=1",
         "loop.pool_multiple=1",
         "select.method=none",
@@ -331,11 +331,6 @@ def _unet(run: Path, t: int) -> dict[str, np.ndarray]:
     return load_file(str(_iter(run, t) / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def _distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    assert a.keys() == b.keys()
-    return math.sqrt(sum(float(((a[k] - b[k]).astype(np.float64) ** 2).sum()) for k in a))
-
-
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """One uninterrupted two-iteration run (from scratch), shared by the tests below."""
@@ -345,16 +340,22 @@ def reference_run(tmp_path_factory):
     return ref
 
 
-def test_finetune_starts_from_the_previous_model(ray_local, reference_run, tmp_path):
-    """Iteration 1 of a fine-tuning run moves a few steps away from iteration 0's weights; from
-    scratch it starts at another random init. Iteration 0 is the same in both runs."""
+def test_finetune_starts_from_the_previous_model(ray_local, tmp_path):
+    """With one AdamW step per iteration every weight moves by at most the learning rate (the
+    first AdamW step is lr * g / (|g| + eps); the EMA lies between the start and that point).
+    A fine-tuned iteration 1 therefore stays within lr of iteration 0's weights everywhere;
+    started from scratch (the same init as iteration 0) it lands up to 2 lr away wherever the
+    two first gradients differ in sign."""
+    lr = 0.01
     ft = tmp_path / "ft"
-    run_loop(tiny_cfg(ft, "train.init=finetune"), until="1:train", log=lambda m: None)
-    w0_ft, w1_ft = _unet(ft, 0), _unet(ft, 1)
-    w0, w1 = _unet(reference_run, 0), _unet(reference_run, 1)
-    assert _distance(w0_ft, w0) == 0.0  # iteration 0 is always trained from scratch
-    moved, scratch = _distance(w1_ft, w0_ft), _distance(w1, w0)
-    assert 0.0 < moved < 0.2 * scratch, (moved, scratch)
+    cfg = tiny_cfg(
+        ft, "train.init=finetune", "train.steps=1", "train.warmup_steps=1", f"train.lr={lr}"
+    )
+    run_loop(cfg, until="1:train", log=lambda m: None)
+    w0, w1 = _unet(ft, 0), _unet(ft, 1)
+    assert w0.keys() == w1.keys()
+    moved = max(float(np.abs(w1[k].astype(np.float64) - w0[k]).max()) for k in w0)
+    assert 0.0 < moved <= lr, f"iteration 1 moved {moved} > lr={lr} from iteration 0's weights"
 
 
 def test_resume_at_every_stage_boundary_equals_uninterrupted(ray_local, reference_run, tmp_path):

@@ -1,4 +1,4 @@
-"""The self-consuming loop (DESIGN.md, The loop): one resumable command.
+"""The self-consuming loop (docs/design.md, "Layers", "Run directory"): one resumable command.
 
 Per iteration t, five stages, each writing its outputs atomically and then a completion marker:
 
