@@ -89,20 +89,30 @@ def nearest_two(train: np.ndarray, gen: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def frechet_reference(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrtm(S_a S_b)), as pytorch-fid computes it."""
+    """||mu_a - mu_b||^2 + Tr(S_a) + Tr(S_b) - 2 Tr sqrtm(S_a S_b), with scipy's sqrtm.
+
+    S_a S_b = A^T A B^T B / ((n-1)(m-1)) for the centred rows A, B has the nonzero eigenvalues of
+    the small matrix A B^T B A^T / ((n-1)(m-1)) (n x n, XY and YX share them), so the trace of the
+    square root is taken there: the same number as sqrtm of the d x d product, without its
+    O(d^3) Schur decomposition of a singular matrix (fewer samples than features).
+    """
     from scipy import linalg
 
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
     mu_a, mu_b = a64.mean(axis=0), b64.mean(axis=0)
-    s_a, s_b = np.cov(a64, rowvar=False), np.cov(b64, rowvar=False)
-    with warnings.catch_warnings():  # fewer samples than features: singular, as in practice
+    a_c, b_c = a64 - mu_a, b64 - mu_b
+    n, m = len(a_c), len(b_c)
+    if n > m:  # the smaller side gives the smaller matrix
+        a_c, b_c, n, m = b_c, a_c, m, n
+    cross = a_c @ b_c.T
+    small = cross @ cross.T / ((n - 1) * (m - 1))
+    with warnings.catch_warnings():  # rank n - 1 < n: singular, as in practice
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(s_a @ s_b)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(len(s_a)) * 1e-6
-            covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
+        tr_covmean = float(np.trace(linalg.sqrtm(small)).real)
+    tr_a = float((a_c**2).sum()) / (n - 1)
+    tr_b = float((b_c**2).sum()) / (m - 1)
     diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean.real))
+    return float(diff @ diff + tr_a + tr_b - 2.0 * tr_covmean)
 
 
 # -- selection -------------------------------------------------------------------------------

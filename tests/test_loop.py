@@ -269,6 +269,8 @@ def test_two_iterations(ray_local, tmp_path, paradigm, method, extra):
     if paradigm == "accumulate":
         # candidates are iteration 0's real set and gen_0's pool: both must be able to appear
         assert len(origins) == 16 and set(origins) <= {"real", "gen_0"}
+        real0 = {i for _, i in _train_refs(run, 0)}
+        assert {i for o, i in _train_refs(run, 1) if o == "real"} <= real0
     if paradigm == "accumulate_all":
         assert origins == ["real"] * 16 + ["gen_0"] * 16
     if paradigm == "fresh":
