@@ -2,28 +2,13 @@
 
 A multi-node test (``ray_cluster``) shuts the local Ray down and starts a
 ``ray.cluster_utils.Cluster``; the next test that asks for ``ray_local`` starts a local one again.
+References and builders shared by several test files live in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
 
 import pytest
-
-_LOCAL_ARGS = dict(
-    num_cpus=2,
-    include_dashboard=False,
-    object_store_memory=1_500_000_000,
-    log_to_driver=False,
-)
-
-
-def start_local_ray():
-    """A local Ray with 2 CPUs (this machine's size) and a 1.5 GB object store, started once."""
-    import ray
-
-    if not ray.is_initialized():
-        # address='local': never attach to another Ray that happens to run on this machine.
-        ray.init(address="local", **_LOCAL_ARGS)
-    return ray
+from helpers import start_local_ray
 
 
 @pytest.fixture
@@ -51,6 +36,13 @@ def ray_cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every multi-node test is slow: starting three Ray nodes alone takes tens of seconds."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_sessionfinish(session, exitstatus):

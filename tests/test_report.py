@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import report_summary
 from PIL import Image
 
 from raycollapse.cli.main import main
@@ -25,6 +27,17 @@ from raycollapse.loop import layout
 from raycollapse.report.collect import collect_run, unique_names
 
 ITERATIONS = 3
+# (d1, d2) of the nearest pairs of every iteration: unsorted; two clearly memorized, one clearly
+# not, one exactly at d1 = d2/3 (not memorized: the definition is strict) and one an ulp below
+# d2/3, where d1/d2 < 1/3 would still say "not memorized".
+D2_EDGE = 0.5056378869683275
+NEAREST_D = [
+    (0.3, 1.5),
+    (0.1, 1.0),
+    (2.0, 2.5),
+    (1.0, 3.0),
+    (float(np.nextafter(D2_EDGE / 3, 0)), D2_EDGE),
+]
 
 
 def _png(rng: np.random.Generator, size: int) -> bytes:
@@ -50,34 +63,35 @@ def _make_run(root: Path, name: str, seed: int, *, finished: int, paradigm: str)
     (run / layout.CONFIG).write_text(yaml.safe_dump(cfg))
     rows = []
     for i in range(finished):
-        rows.append(
-            {
-                "iteration": i,
-                "entropy_train": 5.0 - i * 0.5 + seed * 0.1,
-                "entropy_generated": 4.5 - i * 0.6,
-                "generalization_score": 1.0 / (i + 1),
-                "memorized_fraction": 0.1 * i,
-                "fd_pixel": 10.0 + i,
-                "fid": None,  # no Inception weights offline: null in every row
-                "precision": 0.8,
-                "share_real": 1.0 if i == 0 else 0.5,
-                "seconds_train": 3.0 + i,
-            }
-        )
+        row = {
+            "iteration": i,
+            "entropy_train": 5.0 - i * 0.5 + seed * 0.1,
+            "entropy_generated": 4.5 - i * 0.6,
+            "generalization_score": 1.0 / (i + 1),
+            "memorized_fraction": 0.1 * i,
+            "fd_pixel": 10.0 + i,
+            "fid": None,  # no Inception weights offline: null in every row
+            "precision": 0.8,
+            "share_real": 1.0 if i == 0 else 0.5,
+            "seconds_train": 3.0 + i,
+        }
+        rows.append(row)
+        Path(layout.iter_dir(str(run), i)).mkdir()
+        Path(layout.iter_path(str(run), i, layout.ITER_METRICS)).write_text(json.dumps(row))
     (run / layout.METRICS_JSON).write_text(json.dumps(rows))
     for i in range(ITERATIONS):
-        Path(layout.iter_dir(str(run), i)).mkdir()
+        Path(layout.iter_dir(str(run), i)).mkdir(exist_ok=True)
         if i >= finished:
             continue  # the unfinished iteration: folder exists, files do not
         grid = rng.integers(0, 256, (4 * 10, 4 * 10), dtype=np.uint8)
         Image.fromarray(grid, mode="L").save(layout.iter_path(str(run), i, layout.SAMPLES_PNG))
-        n = 3
+        n = len(NEAREST_D)
         table = pa.table(
             {
                 "gen_id": pa.array(range(n), pa.int64()),
                 "train_id": pa.array(range(100, 100 + n), pa.int64()),
-                "d1": pa.array([0.3, 0.1, 2.0]),  # unsorted on purpose
-                "d2": pa.array([1.5, 1.0, 2.5]),
+                "d1": pa.array([d1 for d1, _ in NEAREST_D]),
+                "d2": pa.array([d2 for _, d2 in NEAREST_D]),
                 "gen_image": pa.array([_png(rng, 8) for _ in range(n)], pa.binary()),
                 "train_image": pa.array([_png(rng, 8) for _ in range(n)], pa.binary()),
             }
@@ -142,9 +156,52 @@ def test_html_images_plots_tables(report):
     assert "2 of 3 iterations finished" in text
     assert "iteration 2: samples.png missing" in text
     assert "iteration 2: nearest.parquet missing" in text
-    # sample grids: alpha 3 iterations + beta 2; memorized pairs: 3 per finished iteration, 2 images each
+    # sample grids: alpha 3 iterations + beta 2; memorized pairs: 5 per finished iteration
     assert sum("samples iteration" in (a or "") for a in alts) == 5
-    assert sum(" generated" in (img["alt"] or "") for img in parser.imgs) == 5 * 3
+    assert sum(" generated" in (img["alt"] or "") for img in parser.imgs) == 5 * len(NEAREST_D)
+    # the page carries no script: nothing but the report runs in a reader's browser
+    assert "<script" not in text.lower() and "image-check" not in text
+
+
+def _pairs(page: str) -> dict[tuple[str, int, int], bool]:
+    """Every nearest pair on the page: (run, iteration, gen id) -> marked memorized."""
+    out = {}
+    for fig in re.findall(r"<figure class='pair'>(.*?)</figure>", page, flags=re.S):
+        m = re.search(r'alt="(.+?) iteration (\d+) gen (\d+) generated"', fig)
+        assert m, fig[:200]
+        key = (html.unescape(m.group(1)), int(m.group(2)), int(m.group(3)))
+        out[key] = "class='memorized'" in fig
+    return out
+
+
+def test_memorized_highlight_marks_exactly_d1_below_d2_over_3(report):
+    _, text = report
+    pairs = _pairs(text)
+    expected = {
+        (run, i, gen): d1 < d2 / 3
+        for run, finished in (("alpha", 3), ("beta<b>", 2))
+        for i in range(finished)
+        for gen, (d1, d2) in enumerate(NEAREST_D)
+    }
+    assert pairs == expected
+    assert sum(expected.values()) == 3 * 5  # two clear cases and the ulp below, per iteration
+
+
+@pytest.mark.parametrize("finished", range(1, ITERATIONS + 1))
+def test_last_iteration_table_shows_the_last_row(tmp_path, finished):
+    """After each iteration the report's table holds that iteration's metrics.json row (per run)."""
+    alpha = _make_run(tmp_path / "runs", "alpha", 0, finished=finished, paradigm="replace")
+    beta = _make_run(tmp_path / "runs", "beta", 1, finished=1, paradigm="replace")
+    assert main(["report", str(alpha), str(beta), "--out", str(tmp_path / "out")]) == 0
+    summary = report_summary((tmp_path / "out" / "index.html").read_text(encoding="utf-8"))
+    for run, last in ((alpha, finished - 1), (beta, 0)):
+        row = json.loads(Path(layout.iter_path(str(run), last, layout.ITER_METRICS)).read_text())
+        shown = summary[run.name]
+        assert shown["iteration"] == str(last)
+        assert shown["fid"] == "—"
+        for key, value in row.items():
+            if key not in ("iteration", "fid"):
+                assert float(shown[key]) == pytest.approx(value, rel=5e-4), (run.name, key)
 
 
 def test_collect_partial_run_and_order(tmp_path):
@@ -153,7 +210,8 @@ def test_collect_partial_run_and_order(tmp_path):
     data = collect_run(str(run), "r", max_pairs=2)
     assert data.rows == []
     assert [it.iteration for it in data.iterations] == [0, 1, 2]
-    assert [p.d1 for p in data.iterations[0].nearest] == [0.1, 0.3]  # smallest d1 first, capped
+    # smallest d1 first, capped
+    assert [p.d1 for p in data.iterations[0].nearest] == [0.1, NEAREST_D[4][0]]
     assert any("metrics.json missing" in n for n in data.notes)
     assert unique_names(["a/run", "b/run", "c/x"]) == ["a/run", "b/run", "x"]
     assert unique_names(["a/run", "a/run/"]) == ["a/run", "a/run#2"]
@@ -211,18 +269,48 @@ def _browser(chromium: str, tmp_path: Path, *args: str) -> subprocess.CompletedP
     return subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
 
 
+# Injected by the test into a copy of the page: on load, count the images that decoded.
+_IMAGE_CHECK = """<script>
+window.addEventListener("load", function () {
+  var ok = 0, failed = [];
+  for (var i = 0; i < document.images.length; i++) {
+    var img = document.images[i];
+    if (img.complete && img.naturalWidth > 0) { ok++; } else { failed.push(img.alt || String(i)); }
+  }
+  var el = document.createElement("div");
+  el.id = "test-image-check";
+  el.setAttribute("data-loaded", String(ok));
+  el.setAttribute("data-failed", failed.join("; "));
+  document.body.appendChild(el);
+});
+</script>"""
+
+
+def _loaded_images(chromium: str, page: str, tmp_path: Path) -> tuple[int, str]:
+    """(images decoded, alts of those that failed) in headless Chromium, via the DOM it dumps."""
+    copy = tmp_path / f"checked-{len(list(tmp_path.iterdir()))}.html"
+    copy.write_text(page.replace("</body>", _IMAGE_CHECK + "</body>"), encoding="utf-8")
+    dom = _browser(chromium, tmp_path, "--dump-dom", copy.resolve().as_uri())
+    m = re.search(r'<div id="test-image-check"[^>]*>', dom.stdout)
+    assert m, f"the injected check did not run; stderr: {dom.stderr[-2000:]}"
+    attrs = dict(re.findall(r'(data-[\w-]+)="([^"]*)"', m.group(0)))
+    return int(attrs["data-loaded"]), html.unescape(attrs["data-failed"])
+
+
 def test_chromium_loads_every_image(report, tmp_path):
     chromium = _chromium()
     index, text = report
-    url = index.resolve().as_uri()
-    dom = _browser(chromium, tmp_path, "--dump-dom", url)
-    m = re.search(r'<div id="image-check"[^>]*>', dom.stdout)
-    assert m, f"no #image-check in dumped DOM; stderr: {dom.stderr[-2000:]}"
-    attrs = dict(re.findall(r'(data-[\w-]+)="([^"]*)"', m.group(0)))
-    assert attrs.get("data-status") == "done", attrs
-    assert attrs["data-failed"] == "0", attrs
-    assert int(attrs["data-loaded"]) == text.count("<img ")
+    loaded, failed = _loaded_images(chromium, text, tmp_path)
+    assert failed == "" and loaded == text.count("<img ")
+    # the check itself sees a broken image: bytes that are no PNG
+    src = re.search(r'src="(data:image/png;base64,[^"]+)"', text).group(1)
+    broken = text.replace(
+        src, "data:image/png;base64," + base64.b64encode(b"not a png").decode(), 1
+    )
+    loaded, failed = _loaded_images(chromium, broken, tmp_path)
+    assert loaded == text.count("<img ") - 1 and failed
 
+    url = index.resolve().as_uri()
     shot = tmp_path / "report.png"
     res = _browser(chromium, tmp_path, f"--screenshot={shot}", "--window-size=1280,1600", url)
     assert shot.is_file(), res.stderr[-2000:]

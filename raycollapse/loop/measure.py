@@ -1,10 +1,11 @@
 """The metrics row of one iteration, its sample grid and its most memorized pairs.
 
-Definitions (DESIGN.md): KL entropy of the training set, of the whole pool and of B generated
-samples (the first B pool ids, the same size as the training set so the two compare);
-generalization score = mean distance from a generated sample to its nearest training sample;
-memorized fraction = share with d1 < d2/3; Fréchet distance to the real data per feature space;
-precision / recall / density / coverage (Naeem et al. 2020) against the real data.
+Definitions (docs/design.md, "KL entropy", "Generalization score", "Memorized fraction"): KL
+entropy of the training set, of the whole pool and of as many generated samples as the training
+set holds (the first pool ids, so the two compare); generalization score = mean distance from a
+generated sample to its nearest training sample; memorized fraction = share with d1 < d2/3;
+Fréchet distance to the real data per feature space; precision / recall / density / coverage
+(Naeem et al. 2020) against the real data.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The self-consuming loop (DESIGN.md, The loop): one resumable command.
+"""The self-consuming loop (docs/design.md, "Layers", "Run directory"): one resumable command.
 
 Per iteration t, five stages, each writing its outputs atomically and then a completion marker:
 
@@ -211,7 +211,7 @@ class Loop:
         refs = read_train_refs(self.path(t, layout.TRAIN_SET))
         row = iteration_metrics(
             self.cat, t, refs, features=self.features, k=self.cfg.knn.k, eps=self.cfg.knn.eps,
-            fid_available=fid_available(self.features),
+            fid_available=fid_available(self.features, self.feature_cfg("inception")["pretrained"]),
         )  # fmt: skip
         for stage in STAGES[:-1]:
             info = self.rd.stage_info(t, stage)
@@ -249,12 +249,13 @@ def sel_features(cfg: DictConfig) -> str:
     return str(cfg.features.name)
 
 
-def fid_available(features: list[str]) -> bool:
-    """FID needs clean-fid's real Inception weights, not the random stand-in."""
+def fid_available(features: list[str], pretrained: str | None) -> bool:
+    """FID needs trained Inception weights (clean-fid's file, by tag or path), not the random
+    stand-in; ``pretrained`` is what the run embeds Inception with (``Loop.feature_cfg``)."""
     if "inception" not in features:
         return False
     try:
-        return not check_weights_available("inception", None).random
+        return not check_weights_available("inception", pretrained).random
     except UserInputError:
         return False
 

@@ -43,8 +43,14 @@ class NearestPair:
     train_image: bytes | None
 
     @property
+    def memorized(self) -> bool:
+        """d1 < d2/3, written as the definition (docs/design.md, "Memorized fraction"); the
+        ratio d1/d2 < 1/3 rounds differently within an ulp of the boundary."""
+        return self.d1 < self.d2 / 3
+
+    @property
     def ratio(self) -> float:
-        """d1/d2; memorized when below 1/3 (DESIGN.md). ``inf`` when d2 is 0 and d1 is not."""
+        """d1/d2, shown beside the pair. ``inf`` when d2 is 0 and d1 is not."""
         if self.d2 > 0:
             return self.d1 / self.d2
         return 0.0 if self.d1 == 0 else math.inf

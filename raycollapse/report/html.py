@@ -41,25 +41,6 @@ img { image-rendering: pixelated; }  /* keep tiny images crisp when the browser 
 .pair .imgs { display: flex; gap: 0.5em; justify-content: center; }
 .memorized { color: #b00; font-weight: bold; }
 .notes { color: #a40; font-size: 0.9em; }
-#image-check { color: #666; font-size: 0.8em; margin-top: 2em; }
-"""
-
-# On load, count images that decoded (complete with a natural width) and write the counts into
-# #image-check's data- attributes: a headless-browser test reads them from the dumped DOM.
-_IMAGE_CHECK_JS = """
-window.addEventListener("load", function () {
-  var ok = 0, failed = [];
-  for (var i = 0; i < document.images.length; i++) {
-    var img = document.images[i];
-    if (img.complete && img.naturalWidth > 0) { ok++; } else { failed.push(img.alt || String(i)); }
-  }
-  var el = document.getElementById("image-check");
-  el.setAttribute("data-loaded", String(ok));
-  el.setAttribute("data-failed", String(failed.length));
-  el.setAttribute("data-failed-names", failed.join("; "));
-  el.setAttribute("data-status", "done");
-  el.textContent = ok + " images loaded" + (failed.length ? ", " + failed.length + " failed: " + failed.join("; ") : "");
-});
 """
 
 
@@ -177,7 +158,7 @@ def _samples(run: RunData) -> str:
 
 def _pair(run: RunData, it: IterationData, pair: NearestPair) -> str:
     label = f"{run.name} iteration {it.iteration} gen {pair.gen_id}"
-    mem = " <span class='memorized'>memorized</span>" if pair.ratio < 1 / 3 else ""
+    mem = " <span class='memorized'>memorized</span>" if pair.memorized else ""
     return (
         "<figure class='pair'><div class='imgs'>"
         f"<div>{_img(pair.gen_image, label + ' generated', 64, 'generated image')}"
@@ -217,11 +198,10 @@ def render(
         f"<h2 id='plots'>Metrics by iteration</h2>{_plots(plots)}",
         "<h2 id='samples'>Samples by iteration</h2>" + "".join(_samples(r) for r in runs),
         "<h2 id='memorized'>Most memorized samples</h2>" + "".join(_memorized(r) for r in runs),
-        "<div id='image-check' data-status='pending'></div>",
     ]
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>\n"
         + "\n".join(sections)
-        + f"\n<script>{_IMAGE_CHECK_JS}</script>\n</body></html>\n"
+        + "\n</body></html>\n"
     )
