@@ -24,12 +24,8 @@ from raycollapse.io import storage
 from raycollapse.io.grids import image_grid
 from raycollapse.loop import layout
 from raycollapse.loop.catalog import Catalog, Ref, origin_of
-from raycollapse.metrics.scores import (
-    frechet_distance,
-    generalization_from_distances,
-    memorized_from_distances,
-    prdc,
-)
+from raycollapse.metrics.distribution import frechet_distance, prdc
+from raycollapse.metrics.memorization import generalization_from_distances, memorized_from_distances
 from raycollapse.neighbors.knn import knn_search
 
 MEMORIZED_RATIO = 1.0 / 3.0

@@ -27,13 +27,14 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from raycollapse.config import to_dict
+from raycollapse.config.checks import check_command, feature_spaces, pool_size
 from raycollapse.curation.paradigms import pick_fresh_real, plan_next
-from raycollapse.curation.select import greedy_select, random_select, threshold_select
+from raycollapse.curation.select import select
 from raycollapse.data.records import load_records
 from raycollapse.errors import UserInputError
 from raycollapse.features.weights import check_weights_available
 from raycollapse.io import storage
-from raycollapse.loop import checks, layout
+from raycollapse.loop import layout
 from raycollapse.loop.catalog import (
     Catalog,
     Ref,
@@ -42,6 +43,7 @@ from raycollapse.loop.catalog import (
     real_dir,
     train_set_table,
 )
+from raycollapse.loop.checks import check_real_size, check_writable
 from raycollapse.loop.measure import (
     iteration_metrics,
     nearest_uri,
@@ -131,13 +133,10 @@ class Loop:
         seed = derived_seed(cfg.seed + sel.seed, t, "select")
         n = plan.n_select
         if sel.method in ("none", "random") or n == len(plan.candidates):
-            idx = random_select(len(plan.candidates), n, seed=seed)
+            idx = select(len(plan.candidates), "random", n, seed=seed).indices
         else:
             x = self.cat.gather_embeddings(plan.candidates, sel_features(cfg))
-            if sel.method == "greedy":
-                idx = greedy_select(x, n, seed=seed)
-            else:
-                idx = threshold_select(x, n, tau0=sel.tau0, decay=sel.decay, seed=seed).indices
+            idx = select(x, sel.method, n, seed=seed, tau0=sel.tau0, decay=sel.decay).indices
         refs = plan.keep + [plan.candidates[int(i)] for i in idx]
         if plan.n_fresh:
             used = {
@@ -185,7 +184,7 @@ class Loop:
         return generate_pool(
             self.path(t, layout.MODEL),
             self.path(t, layout.POOL),
-            checks.pool_size(self.cfg),
+            pool_size(self.cfg),
             seed=derived_seed(self.cfg.seed, t, "generate"),
             sample_cfg=self.cfg.sample,
             iteration=t,
@@ -230,7 +229,7 @@ class Loop:
 
     # -- helpers ------------------------------------------------------------------------------
     def feature_cfg(self, name: str) -> dict[str, Any]:
-        f = dict(to_dict(self.cfg)["features"])
+        f = to_dict(self.cfg.features)
         if name != f["name"]:
             f["pretrained"] = None
         f["name"] = name
@@ -271,7 +270,7 @@ def run_loop(
 
     ``until="ITER:STAGE"`` stops after that stage (e.g. ``1:generate``): the run stays resumable.
     """
-    checks.check_static(cfg)
+    check_command(cfg, "run")
     stop_at = _parse_until(until, cfg.loop.iterations)
     if fork:
         cfg = OmegaConf.merge(
@@ -290,13 +289,13 @@ def run_loop(
             )
             return rd.path
     real = load_records(cfg.data)
-    checks.check_real_size(cfg, len(real))
-    checks.check_writable(rd.path)
+    check_real_size(cfg, len(real))
+    check_writable(rd.path)
     rd.claim(cfg)
     from raycollapse.stages.runtime import ensure_ray
 
     ensure_ray()
-    loop = Loop(cfg, rd, Catalog(rd.path, int(cfg.data.channels)), checks.feature_spaces(cfg), log)
+    loop = Loop(cfg, rd, Catalog(rd.path, int(cfg.data.channels)), feature_spaces(cfg), log)
     log(
         f"run '{rd.path}': {cfg.loop.iterations} iterations, paradigm {cfg.loop.paradigm}, selection {cfg.select.method}"
     )
@@ -307,7 +306,8 @@ def run_loop(
             if stop_at == (t, stage):
                 log(f"stopped after iteration {t} stage {stage} (--until); re-run to continue.")
                 return rd.path
-        row = rd.metrics()[-1]
+        # This iteration's row (on resume, later iterations may already be in the table).
+        row = next(r for r in rd.metrics() if r["iteration"] == t)
         log(
             f"iteration {t}: entropy_train={_fmt(row.get('entropy_train'))} "
             f"generalization_score={_fmt(row.get('generalization_score'))} "
