@@ -27,10 +27,13 @@ def _valid_keys(node: Any) -> list[str]:
     return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
 
 
-def explain(exc: OmegaConfBaseException, schema: DictConfig, origin: str) -> UserInputError:
+def explain(
+    exc: OmegaConfBaseException, schema: DictConfig, origin: str, kind: str = "config"
+) -> UserInputError:
     """An OmegaConf error as a message naming the key, the problem and the valid keys.
 
-    ``schema``: the tree the key was looked up in; ``origin``: where the value came from (shown).
+    ``schema``: the tree the key was looked up in; ``origin``: where the value came from (shown);
+    ``kind``: what the tree is, in the message ("config", "sweep config").
     """
     full_key = str(getattr(exc, "full_key", "") or "")
     if isinstance(exc, ConfigKeyError | ConfigAttributeError) and full_key:
@@ -39,13 +42,13 @@ def explain(exc: OmegaConfBaseException, schema: DictConfig, origin: str) -> Use
         valid = _valid_keys(parent)
         hint = difflib.get_close_matches(leaf, valid, n=1)
         where = f"under '{parent_path}'" if parent_path else "at the top level"
-        msg = f"unknown config key '{full_key}' ({origin}). Valid keys {where}: {', '.join(valid)}."
+        msg = f"unknown {kind} key '{full_key}' ({origin}). Valid keys {where}: {', '.join(valid)}."
         if hint:
             msg += f" Did you mean '{parent_path + '.' if parent_path else ''}{hint[0]}'?"
         return UserInputError(msg)
     first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     key = f" for key '{full_key}'" if full_key else ""
-    return UserInputError(f"bad config value{key} ({origin}): {first_line}")
+    return UserInputError(f"bad {kind} value{key} ({origin}): {first_line}")
 
 
 def load_config(

@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
-from raycollapse.config import Config, load_config, to_dict
+from raycollapse.config import Config, explain, load_config, to_dict
 from raycollapse.config.checks import check_run, feature_spaces
 from raycollapse.errors import UserInputError
 from raycollapse.sweeps.space import SearchSpace, parse_space
@@ -105,24 +105,6 @@ class Sweep:
         return with_values(self.base, values, "trial")
 
 
-def _explain(exc: OmegaConfBaseException, origin: str) -> UserInputError:
-    key = str(getattr(exc, "full_key", "") or "")
-    if isinstance(exc, ConfigKeyError | ConfigAttributeError) and key:
-        valid = sorted(SweepConfig.__dataclass_fields__)
-        parent, _, leaf = key.rpartition(".")
-        if parent:
-            node = OmegaConf.select(OmegaConf.structured(SweepConfig), parent)
-            valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
-        hint = difflib.get_close_matches(leaf, valid, n=1)
-        return UserInputError(
-            f"unknown sweep config key '{key}' ({origin}). Valid keys"
-            f"{' under ' + repr(parent) if parent else ''}: {', '.join(valid)}."
-            + (f" Did you mean '{(parent + '.') if parent else ''}{hint[0]}'?" if hint else "")
-        )
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return UserInputError(f"bad sweep config value for '{key}' ({origin}): {first}")
-
-
 def _dotlist(key: str, value: Any) -> str:
     # JSON is YAML, so OmegaConf reads every value back with its type (strings stay strings).
     return f"{key}={json.dumps(value)}"
@@ -165,11 +147,12 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise UserInputError(f"sweep config '{p}' is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise UserInputError(f"sweep config '{p}' must hold a mapping, not {type(data).__name__}.")
-    cfg = OmegaConf.structured(SweepConfig)
+    sweep_schema = OmegaConf.structured(SweepConfig)
+    cfg = sweep_schema
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
     except OmegaConfBaseException as exc:
-        raise _explain(exc, f"in {p.name}") from None
+        raise explain(exc, sweep_schema, f"in {p.name}", "sweep config") from None
     base_overrides: list[str] = []
     for item in overrides:
         if "=" not in item:
@@ -182,7 +165,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
-            raise _explain(exc, f"override '{item}'") from None
+            raise explain(exc, sweep_schema, f"override '{item}'", "sweep config") from None
     OmegaConf.set_struct(cfg, True)
     base = _load_base(cfg.base, base_overrides)
     schema = to_dict(OmegaConf.structured(Config))
