@@ -40,7 +40,8 @@ def generalization_score(generated: np.ndarray, train: np.ndarray) -> float:
 
 
 def memorized_from_distances(d1: np.ndarray, d2: np.ndarray, ratio: float = 1 / 3) -> float:
-    """Share of samples with ``d1 < ratio * d2`` (strict), from nearest and second-nearest
+    """Share of samples with ``d1 < d2 / (1 / ratio)`` (strict; ``d1 < d2 / 3`` exactly for the
+    default, docs/design.md "Memorized fraction"), from nearest and second-nearest
     training distances. A sample equal to two identical training rows (d1 = d2 = 0) does not
     count: the rule compares it with the second copy, which is as close."""
     d1 = as_distances(d1, "d1")
@@ -49,12 +50,14 @@ def memorized_from_distances(d1: np.ndarray, d2: np.ndarray, ratio: float = 1 / 
         raise UserInputError(f"d1 and d2 must have the same shape, got {d1.shape} and {d2.shape}")
     if not (isinstance(ratio, numbers.Real) and 0 < ratio and math.isfinite(ratio)):
         raise UserInputError(f"ratio must be a positive number, got {ratio!r}; the paper uses 1/3")
-    return float(np.mean(d1 < ratio * d2))
+    # Divide as the definition does: ratio * d2 differs from d2 / 3 by one rounding step.
+    return float(np.mean(d1 < d2 / (1.0 / ratio)))
 
 
 def memorized_fraction(generated: np.ndarray, train: np.ndarray, ratio: float = 1 / 3) -> float:
     """Share of ``generated`` rows whose nearest ``train`` row is much closer than the second
-    nearest: d1 < ratio * d2 (docs/design.md, "Memorized fraction": d1 < d2 / 3). Needs at least 2 training rows."""
+    nearest: d1 < d2 / (1 / ratio) (docs/design.md, "Memorized fraction": d1 < d2 / 3). Needs at
+    least 2 training rows."""
     gen = as_features(generated, "generated", min_rows=1)
     tr = as_features(train, "train")
     check_same_dim(gen, tr, "generated", "train")

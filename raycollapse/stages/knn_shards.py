@@ -368,7 +368,7 @@ class ShardedIndex:
         return generalization_from_distances(self.search(generated, 1).distances[:, 0])
 
     def memorized_fraction(self, generated: np.ndarray, ratio: float = 1 / 3) -> float:
-        """Share of ``generated`` rows with d1 < ratio * d2 against the database rows."""
+        """Share of ``generated`` rows with d1 < d2 / (1 / ratio) against the database rows."""
         res = self.search(generated, 2)
         return memorized_from_distances(res.distances[:, 0], res.distances[:, 1], ratio)
 
