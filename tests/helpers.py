@@ -50,9 +50,10 @@ def session_ray_address() -> str:
 
 
 def brute_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Full float64 Euclidean distance matrix between the rows of ``a`` and ``b``."""
-    a64 = np.asarray(a, dtype=np.float64)
-    b64 = np.asarray(b, dtype=np.float64)
+    """Full float64 Euclidean distance matrix between the rows of ``a`` and ``b``, from their
+    float32 values (the features every component stores and compares)."""
+    a64 = np.asarray(a, dtype=np.float32).astype(np.float64)
+    b64 = np.asarray(b, dtype=np.float32).astype(np.float64)
     return np.sqrt(((a64[:, None, :] - b64[None, :, :]) ** 2).sum(axis=-1))
 
 
@@ -188,6 +189,7 @@ def tiny_checkpoint(
     resolution: int = 8,
     channels: int = 1,
     seed: int = 0,
+    num_train_timesteps: int = 1000,
 ) -> str:
     """A randomly initialised ``tiny`` UNet saved as a checkpoint folder (sampling needs no
     training); returns the folder."""
@@ -210,7 +212,7 @@ def tiny_checkpoint(
         "class_conditional": class_conditional,
         "num_classes": num_classes,
     }
-    return save_checkpoint(Path(folder), unet, make_scheduler(), meta)
+    return save_checkpoint(Path(folder), unet, make_scheduler(num_train_timesteps), meta)
 
 
 # -- report pages ----------------------------------------------------------------------------

@@ -4,22 +4,14 @@ import json
 
 import numpy as np
 import pytest
+from helpers import tiny_checkpoint
 
 from raycollapse.cli.main import main
-from raycollapse.config import load_config
-from raycollapse.diffusion.checkpoint import model_meta, save_checkpoint
-from raycollapse.diffusion.sampling import scheduler_from_config
-from raycollapse.diffusion.unet import build_unet
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
-    cfg = load_config(None, ["diffusion.num_train_timesteps=50"])
-    unet = build_unet("tiny", resolution=8, channels=1, seed=0)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint"
-    return save_checkpoint(
-        path, unet, scheduler_from_config(cfg.diffusion), model_meta(cfg.model, cfg.data)
-    )
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", num_train_timesteps=50)
 
 
 def test_generate_on_ray_equals_in_process(ckpt, tmp_path, ray_local, capsys):

@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from helpers import tiny_checkpoint
 from PIL import Image
 from shard_hooks import kill_mid_shard, victim
 
-from raycollapse.diffusion.checkpoint import load_checkpoint, save_checkpoint
-from raycollapse.diffusion.sampling import make_scheduler, resolve_labels, sample_images
-from raycollapse.diffusion.unet import build_unet
+from raycollapse.diffusion.checkpoint import load_checkpoint
+from raycollapse.diffusion.sampling import resolve_labels, sample_images
 from raycollapse.errors import UserInputError
 from raycollapse.stages.generate import (
     GenerateStage,
@@ -34,17 +34,7 @@ SAMPLE = {"sampler": "ddim", "steps": 4, "eta": 0.5, "group_size": 4}  # fast; s
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
     """A class-conditional tiny UNet with random weights (sampling cost does not need training)."""
-    unet = build_unet(
-        "tiny", resolution=8, channels=1, class_conditional=True, num_classes=10, seed=0
-    )
-    meta = {
-        "preset": "tiny",
-        "resolution": 8,
-        "channels": 1,
-        "class_conditional": True,
-        "num_classes": 10,
-    }
-    return save_checkpoint(tmp_path_factory.mktemp("gen") / "ckpt", unet, make_scheduler(), meta)
+    return tiny_checkpoint(tmp_path_factory.mktemp("gen") / "ckpt", class_conditional=True)
 
 
 def _read_pool(folder) -> pa.Table:

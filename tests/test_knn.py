@@ -5,6 +5,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
+from helpers import brute_distances, brute_knn, brute_knn_self
 
 from raycollapse.errors import UserInputError
 from raycollapse.neighbors.device import faiss_has_gpu
@@ -29,26 +30,6 @@ def faiss_distance_path(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
     if request.param == "faiss-blas":
         monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", 1)
     return request.param
-
-
-def brute_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Full float64 Euclidean distance matrix from the float32 values (reference)."""
-    a = np.asarray(a, dtype=np.float32).astype(np.float64)
-    b = np.asarray(b, dtype=np.float32).astype(np.float64)
-    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=-1))
-
-
-def brute_knn(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """k smallest per row, ordered by (distance, index)."""
-    idx = np.broadcast_to(np.arange(dist.shape[1]), dist.shape)
-    order = np.lexsort((idx, dist), axis=-1)[:, :k]
-    return np.take_along_axis(dist, order, axis=1), order
-
-
-def brute_knn_self(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    dist = brute_distances(x, x)
-    np.fill_diagonal(dist, np.inf)  # exclude the point itself (by index)
-    return brute_knn(dist, k)
 
 
 def with_duplicates(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import faiss
 import numpy as np
 import pytest
+from helpers import clustered
 
 from raycollapse.errors import UserInputError
 from raycollapse.neighbors.knn import ExactIndex, knn_search, knn_self
@@ -37,15 +38,6 @@ def brute_knn(queries: np.ndarray, db: np.ndarray, k: int, *, self_search: bool 
         out_d[s : s + 128] = np.take_along_axis(dist, order, axis=1)
         out_i[s : s + 128] = order
     return out_d, out_i
-
-
-def clustered(n: int, d: int, seed: int, n_clusters: int = 40, offset: float = 0.0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    means = rng.normal(scale=6.0, size=(n_clusters, d))
-    scales = rng.uniform(0.3, 1.0, size=n_clusters)
-    label = rng.integers(0, n_clusters, size=n)
-    x = means[label] + rng.normal(size=(n, d)) * scales[label, None] + offset
-    return x.astype(np.float32)
 
 
 def check_equal(res, ref_d: np.ndarray, ref_i: np.ndarray) -> None:
