@@ -33,7 +33,7 @@ import torch
 
 from raycollapse.config import load_config
 from raycollapse.data.inputs import images_to_pixels as pixel_features
-from raycollapse.data.records import load_records
+from raycollapse.data.sources import load_records
 from raycollapse.diffusion.checkpoint import load_checkpoint
 from raycollapse.diffusion.sampling import images_to_tensor, make_scheduler, sample_images
 from raycollapse.diffusion.trainer import (

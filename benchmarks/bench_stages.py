@@ -73,7 +73,7 @@ def bench_generate(tmp: Path, actors: list[int], n: int, steps: int, shard_size:
 
 def bench_train(tmp: Path, workers: list[int], steps: int, batch_size: int) -> list[dict]:
     from raycollapse.config import load_config
-    from raycollapse.data.records import load_records
+    from raycollapse.data.sources import load_records
     from raycollapse.stages.train import train_distributed
 
     runs = []

@@ -10,7 +10,7 @@ from PIL import Image
 
 from raycollapse.cli.main import main
 from raycollapse.config import load_config
-from raycollapse.data.records import load_records
+from raycollapse.data.sources import load_records
 from raycollapse.diffusion.checkpoint import load_checkpoint
 from raycollapse.diffusion.trainer import train_loop
 

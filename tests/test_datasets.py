@@ -13,9 +13,9 @@ from raycollapse.config import load_config
 from raycollapse.data.records import (
     Records,
     encode_png,
-    load_records,
     prepare_image,
 )
+from raycollapse.data.sources import load_records
 from raycollapse.errors import UserInputError
 from raycollapse.io.grids import image_grid
 

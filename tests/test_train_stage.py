@@ -21,7 +21,8 @@ import ray.cloudpickle
 import torch
 
 from raycollapse.config import load_config
-from raycollapse.data.records import Records, load_records
+from raycollapse.data.records import Records
+from raycollapse.data.sources import load_records
 from raycollapse.diffusion.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from raycollapse.diffusion.sampling import diffusion_loss, images_to_tensor, make_scheduler
 from raycollapse.diffusion.trainer import train_loop

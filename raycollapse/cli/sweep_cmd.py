@@ -44,7 +44,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def load_pool(sweep) -> np.ndarray:
     """The select trials' pool: the ``pool`` embeddings, or the pixels of the base ``data``."""
     from raycollapse.data.inputs import images_to_pixels, load_features
-    from raycollapse.data.records import load_records
+    from raycollapse.data.sources import load_records
 
     if sweep.cfg.pool is not None:
         return load_features(sweep.cfg.pool).features

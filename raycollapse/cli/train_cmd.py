@@ -49,7 +49,7 @@ def _log(msg: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, {"train.out": args.out, "train.steps": args.steps})
-    from raycollapse.data.records import load_records
+    from raycollapse.data.sources import load_records
     from raycollapse.diffusion.checkpoint import load_finetune_base, model_meta, save_checkpoint
     from raycollapse.diffusion.sampling import resolve_labels, sample_images, scheduler_from_config
     from raycollapse.diffusion.train_parts import resolve_device
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_on_ray(cfg, t0: float) -> int:
     """Ray Train (DDP over ``train.workers``), resumable from ``train.out/ray``."""
-    from raycollapse.data.records import load_records
+    from raycollapse.data.sources import load_records
     from raycollapse.stages.train import train_distributed
 
     out = Path(cfg.train.out).absolute()

@@ -25,7 +25,7 @@ the index in the full source (file order for folders, row order for Parquet and 
 Parquet encoding written by ``Records.to_arrow_table``: ``id`` int64, ``image`` PNG bytes (lossless,
 portable, small), ``label`` nullable int64, ``source`` string.
 
-``load_records`` is the in-memory path for sets that fit in memory (the loop's training sets).
+``data/sources.py: load_records`` reads a whole source into memory (the loop's training sets).
 """
 
 from __future__ import annotations
@@ -155,25 +155,3 @@ def subset_order(total: int, n: int | None, seed: int) -> np.ndarray:
             f"data.n={n} but the source holds only {total} images; lower data.n or use null."
         )
     return np.random.default_rng(seed).permutation(total).astype(np.int64)
-
-
-def load_records(cfg) -> Records:
-    """Read ``cfg`` (the ``data`` config section) into memory: see the module docstring."""
-    from raycollapse.data import sources
-
-    if cfg.channels not in (1, 3):
-        raise UserInputError(f"data.channels must be 1 or 3, got {cfg.channels}.")
-    if cfg.resolution < 1:
-        raise UserInputError(f"data.resolution must be >= 1, got {cfg.resolution}.")
-    if cfg.source == "digits":
-        return sources.digits_records(cfg)
-    if cfg.path in (None, ""):
-        raise UserInputError(
-            f"data.source={cfg.source} needs data.path (a {sources.PATH_HINTS[cfg.source]})."
-        )
-    reader = {
-        "cifar10": sources.cifar10_records,
-        "folder": sources.folder_records,
-        "parquet": sources.parquet_records,
-    }
-    return reader[cfg.source](cfg)

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raycollapse.config.schema import DataConfig
 from raycollapse.data.records import Records, TooSmall, prepare_checked, subset_order
 from raycollapse.errors import UserInputError
 from raycollapse.io.images import decode_value, list_image_files
@@ -237,3 +238,23 @@ def parquet_records(cfg) -> Records:
     return collect(
         cfg, int(starts[-1]), read, lambda i: f"{root} row {i}", labels, f"parquet:{root}"
     )
+
+
+def load_records(cfg: DataConfig) -> Records:
+    """Read ``cfg`` (the ``data`` config section) into memory (see ``data/records.py``)."""
+    if cfg.channels not in (1, 3):
+        raise UserInputError(f"data.channels must be 1 or 3, got {cfg.channels}.")
+    if cfg.resolution < 1:
+        raise UserInputError(f"data.resolution must be >= 1, got {cfg.resolution}.")
+    if cfg.source == "digits":
+        return digits_records(cfg)
+    if cfg.path in (None, ""):
+        raise UserInputError(
+            f"data.source={cfg.source} needs data.path (a {PATH_HINTS[cfg.source]})."
+        )
+    reader = {
+        "cifar10": cifar10_records,
+        "folder": folder_records,
+        "parquet": parquet_records,
+    }
+    return reader[cfg.source](cfg)

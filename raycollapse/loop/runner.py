@@ -30,7 +30,7 @@ from raycollapse.config import to_dict
 from raycollapse.config.checks import check_command, feature_spaces, pool_size
 from raycollapse.curation.paradigms import pick_fresh_real, plan_next
 from raycollapse.curation.select import select
-from raycollapse.data.records import load_records
+from raycollapse.data.sources import load_records
 from raycollapse.errors import UserInputError
 from raycollapse.features.weights import check_weights_available
 from raycollapse.io import storage
