@@ -89,7 +89,7 @@ def collect(
     )
 
 
-def digits_records(cfg) -> Records:
+def digits_records(cfg: DataConfig) -> Records:
     """scikit-learn's digits, 0..16 scaled to uint8 with ``round(v * 255 / 16)``; always upscaled."""
     from sklearn.datasets import load_digits
 
@@ -156,7 +156,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def cifar10_records(cfg) -> Records:
+def cifar10_records(cfg: DataConfig) -> Records:
     """The training batches ``data_batch_*`` of a CIFAR-10 python folder (or one batch file)."""
     root = Path(cfg.path)
     if not root.exists():
@@ -177,7 +177,7 @@ def cifar10_records(cfg) -> Records:
     )
 
 
-def folder_records(cfg) -> Records:
+def folder_records(cfg: DataConfig) -> Records:
     """Every image file under ``data.path`` (sorted paths; ids index that order); no labels."""
     files = list_image_files(cfg.path)
     return collect(
@@ -186,7 +186,7 @@ def folder_records(cfg) -> Records:
     )  # fmt: skip
 
 
-def parquet_records(cfg) -> Records:
+def parquet_records(cfg: DataConfig) -> Records:
     """Images from ``data.image_column`` (encoded bytes or arrays), labels from ``data.label_column``."""
     root = Path(cfg.path)
     if not root.exists():

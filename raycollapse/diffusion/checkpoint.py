@@ -21,13 +21,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from raycollapse.diffusion.unet import get_spec
 from raycollapse.errors import UserInputError
 from raycollapse.io.atomic import atomic_dir, atomic_path
+
+if TYPE_CHECKING:
+    from raycollapse.config.schema import DataConfig, ModelConfig
 
 META_FILE = "raycollapse.json"
 FORMAT_VERSION = 1
@@ -48,7 +51,7 @@ class Checkpoint:
         return int(self.meta["num_classes"]) if self.meta.get("class_conditional") else None
 
 
-def model_meta(model_cfg: Any, data_cfg: Any) -> dict[str, Any]:
+def model_meta(model_cfg: ModelConfig, data_cfg: DataConfig) -> dict[str, Any]:
     """The fields a checkpoint must match, from the ``model`` and ``data`` config sections."""
     return {
         "preset": str(model_cfg.preset),

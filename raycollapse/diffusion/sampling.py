@@ -26,7 +26,7 @@ samples per call). The CPU thread count did not change any bit in our checks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ import torch
 from raycollapse.config.schema import SAMPLERS
 from raycollapse.errors import UserInputError
 from raycollapse.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from raycollapse.config.schema import DiffusionConfig
 
 
 def make_scheduler(
@@ -64,7 +67,7 @@ def make_scheduler(
     )
 
 
-def scheduler_from_config(cfg: Any):
+def scheduler_from_config(cfg: DiffusionConfig):
     """``make_scheduler`` from a ``diffusion`` config section (DictConfig or dataclass)."""
     return make_scheduler(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,7 @@ class EmbedShardStage(ShardStage):
 def plan_embedding(
     input_uri: str | Path,
     out_uri: str | Path,
-    features_cfg: Any = None,
+    features_cfg: FeaturesConfig | Mapping[str, Any] | None = None,
     *,
     actors: int = 1,
     gpus_per_actor: float = 0.0,
@@ -252,7 +253,7 @@ def plan_embedding(
 def embed_pool(
     input_uri: str | Path,
     out_uri: str | Path,
-    features_cfg: Any = None,
+    features_cfg: FeaturesConfig | Mapping[str, Any] | None = None,
     *,
     actors: int = 1,
     gpus_per_actor: float = 0.0,

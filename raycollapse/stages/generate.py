@@ -27,9 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +40,9 @@ from raycollapse.io import storage
 from raycollapse.stages.base import Resources, check_resources, worker_device
 from raycollapse.stages.runtime import ensure_ray
 from raycollapse.stages.shard_job import ShardJob, ShardStage, run_shard_job
+
+if TYPE_CHECKING:
+    from raycollapse.config.schema import SampleConfig
 
 META_KEY = b"raycollapse.generate"
 SAMPLE_KEYS = ("sampler", "steps", "eta", "guidance", "label", "group_size")
@@ -70,7 +74,7 @@ def shard_specs(n: int, shard_size: int) -> list[dict[str, int]]:
     ]
 
 
-def sample_settings(sample_cfg: Any) -> dict[str, Any]:
+def sample_settings(sample_cfg: SampleConfig | Mapping[str, Any] | None) -> dict[str, Any]:
     """The sampler settings that determine the samples, as plain data (travels to the actors).
 
     ``sample_cfg``: the ``sample`` config section (DictConfig or dataclass) or a dict; missing keys
@@ -235,7 +239,7 @@ def plan_generation(
     n: int,
     *,
     seed: int,
-    sample_cfg: Any = None,
+    sample_cfg: SampleConfig | Mapping[str, Any] | None = None,
     iteration: int = 0,
     actors: int = 1,
     gpus_per_actor: float = 0.0,
@@ -282,7 +286,7 @@ def generate_pool(
     n: int,
     *,
     seed: int,
-    sample_cfg: Any = None,
+    sample_cfg: SampleConfig | Mapping[str, Any] | None = None,
     iteration: int = 0,
     actors: int = 1,
     gpus_per_actor: float = 0.0,

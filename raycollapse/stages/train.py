@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -45,6 +45,9 @@ from raycollapse.stages.base import Resources, check_resources
 from raycollapse.stages.errors import raise_if_user_error
 from raycollapse.stages.runtime import ensure_ray
 from raycollapse.stages.train_data import rank_seed, read_shard, training_dataset
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 STATE_FILE = "train_state.pt"
 MODEL_DIR = "model"
@@ -171,7 +174,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_distributed(
-    cfg: Any,
+    cfg: DictConfig,
     train_uri_or_records: str | Path | Records,
     out_checkpoint: str | Path,
     *,
