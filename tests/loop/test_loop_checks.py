@@ -16,7 +16,7 @@ from raycollapse.config.checks import check_command, feature_spaces, pool_size
 from raycollapse.errors import UserInputError
 from raycollapse.loop.runner import run_loop
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(ROOT.joinpath("configs").glob("*.yaml"))
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 

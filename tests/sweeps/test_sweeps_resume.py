@@ -47,7 +47,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, capsy
     env = {
         **os.environ,
         "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), *sys.path]),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), *sys.path]),
         "TUNE_GLOBAL_CHECKPOINT_S": "0",  # save Tune's state at every step: the kill below
     }  # then never loses a finished trial, which is what this test is about
     driver = subprocess.Popen(

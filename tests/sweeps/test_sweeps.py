@@ -132,8 +132,7 @@ def test_param_space_translation():
     from raycollapse.sweeps.config import load_sweep
     from raycollapse.sweeps.tuner import param_space
 
-    here = Path(__file__).parent
-    sweep = load_sweep(here.parent / "configs" / "sweeps" / "select_smoke.yaml")
+    sweep = load_sweep(Path(__file__).parents[2] / "configs" / "sweeps" / "select_smoke.yaml")
     assert param_space(sweep.space) == {
         "select.method": {"grid_search": ["greedy", "threshold", "random"]},
         "select.seed": {"grid_search": [0, 1]},
@@ -242,7 +241,7 @@ def test_select_smoke_config_checks():
     from raycollapse.cli.sweep_cmd import load_pool
     from raycollapse.sweeps.config import check_sweep, load_sweep
 
-    sweep = load_sweep(Path(__file__).parent.parent / "configs" / "sweeps" / "select_smoke.yaml")
+    sweep = load_sweep(Path(__file__).parents[2] / "configs" / "sweeps" / "select_smoke.yaml")
     pool = load_pool(sweep)
     assert pool.shape == (1797, 64)
     assert len(check_sweep(sweep, len(pool))) == 1 + 3 + 2
