@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["derive_seed"]
+__all__ = ["derive_rng", "derive_seed"]
 
 
 def derive_seed(*parts: int, bits: int = 32) -> int:
@@ -25,3 +25,9 @@ def derive_seed(*parts: int, bits: int = 32) -> int:
     if bits == 63:
         return (int(words[0]) << 31) ^ int(words[1])
     raise ValueError(f"bits must be 32 or 63, got {bits}")
+
+
+def derive_rng(*parts: int) -> np.random.Generator:
+    """A numpy generator seeded by the hash of ``parts`` alone (``SeedSequence(parts)``), for a
+    choice that draws many numbers (e.g. the fresh real images of an iteration)."""
+    return np.random.default_rng(np.random.SeedSequence([int(p) for p in parts]))

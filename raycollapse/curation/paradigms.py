@@ -24,6 +24,7 @@ import numpy as np
 
 from raycollapse.config.schema import PARADIGMS
 from raycollapse.errors import UserInputError
+from raycollapse.seeds import derive_rng
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def pick_fresh_real(
             f"paradigm fresh needs {n} unused real images at iteration {iteration} but only "
             f"{len(available)} remain; lower loop.fresh_fraction or loop.iterations, or use more real data."
         )
-    rng = np.random.default_rng([seed, iteration, 0xF5E5])
+    rng = derive_rng(seed, iteration, 0xF5E5)  # docs/design.md, "Seeding"
     return np.sort(rng.choice(available, size=n, replace=False))
 
 
