@@ -51,6 +51,22 @@ def explain(
     return UserInputError(f"bad {kind} value{key} ({origin}): {first_line}")
 
 
+def read_yaml_mapping(path: Path, what: str, hint: str) -> dict[str, Any]:
+    """The mapping in YAML file ``path`` (``yaml.safe_load``); ``what`` names the file in errors,
+    ``hint`` says how to fix a missing one."""
+    if not path.is_file():
+        raise UserInputError(f"{what} '{path}' does not exist; {hint}.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"{what} '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserInputError(
+            f"{what} '{path}' must hold a mapping of sections, not {type(data).__name__}."
+        )
+    return data
+
+
 def load_config(
     config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> DictConfig:
@@ -63,18 +79,7 @@ def load_config(
     cfg = schema
     if config_file is not None:
         path = Path(config_file)
-        if not path.is_file():
-            raise UserInputError(
-                f"config file '{path}' does not exist; pass an existing YAML file."
-            )
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserInputError(f"config file '{path}' is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise UserInputError(
-                f"config file '{path}' must hold a mapping of sections, not {type(data).__name__}."
-            )
+        data = read_yaml_mapping(path, "config file", "pass an existing YAML file")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
         except OmegaConfBaseException as exc:

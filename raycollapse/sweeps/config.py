@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from raycollapse.config import Config, explain, load_config, to_dict
 from raycollapse.config.checks import check_run, feature_spaces
+from raycollapse.config.load import read_yaml_mapping
 from raycollapse.errors import UserInputError
 from raycollapse.sweeps.space import SearchSpace, parse_space
 
@@ -137,16 +138,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     """Read a sweep config, apply ``key=value`` overrides, load its base loop config, parse its
     space (not yet checked against data: see :func:`check_sweep`)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserInputError(
-            f"sweep config '{p}' does not exist; pass a YAML file (configs/sweeps/)."
-        )
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserInputError(f"sweep config '{p}' is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserInputError(f"sweep config '{p}' must hold a mapping, not {type(data).__name__}.")
+    data = read_yaml_mapping(p, "sweep config", "pass a YAML file (configs/sweeps/)")
     sweep_schema = OmegaConf.structured(SweepConfig)
     cfg = sweep_schema
     try:
