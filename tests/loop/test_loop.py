@@ -288,7 +288,7 @@ def _random_inception_file(path: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from raycollapse.features.extractors import fid_inception_v3
+    from raycollapse.features.inception import fid_inception_v3
 
     torch.manual_seed(1234)
     net = fid_inception_v3()
