@@ -265,10 +265,13 @@ def run_loop(
     fork: bool = False,
     until: str | None = None,
     log: Callable[[str], None] = _log,
+    on_iteration: Callable[[dict[str, Any]], None] | None = None,
 ) -> str:
     """Run (or resume) the loop of ``cfg``; returns the run folder. See the module docstring.
 
     ``until="ITER:STAGE"`` stops after that stage (e.g. ``1:generate``): the run stays resumable.
+    ``on_iteration`` receives each iteration's metrics row, in order, once the iteration is done,
+    iterations finished before a resume included (a sweep trial reports them again).
     """
     check_command(cfg, "run")
     stop_at = _parse_until(until, cfg.loop.iterations)
@@ -287,6 +290,9 @@ def run_loop(
             log(
                 f"run '{rd.path}' already finished all {cfg.loop.iterations} iterations; nothing to do."
             )
+            if on_iteration is not None:
+                for t in range(cfg.loop.iterations):
+                    on_iteration(next(r for r in rows if r["iteration"] == t))
             return rd.path
     real = load_records(cfg.data)
     check_real_size(cfg, len(real))
@@ -313,6 +319,8 @@ def run_loop(
             f"generalization_score={_fmt(row.get('generalization_score'))} "
             f"memorized_fraction={_fmt(row.get('memorized_fraction'))}"
         )
+        if on_iteration is not None:
+            on_iteration(row)
     log(f"run finished: {rd.path}")
     return rd.path
 
