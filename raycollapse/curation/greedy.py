@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from raycollapse.curation.approx import ApproxSpace
 from raycollapse.errors import UserInputError
 from raycollapse.neighbors.distances import pair_distances
 from raycollapse.neighbors.threads import blas_single_threaded
@@ -48,9 +49,6 @@ __all__ = [
     "random_select",
 ]
 
-_U32 = 2.0**-24  # unit roundoff of float32
-_U64 = 2.0**-53  # unit roundoff of float64
-_CHUNK = 1 << 16  # rows per chunk for O(N d) float64 temporaries
 _PAR_MIN = 1 << 21  # N * d from which the full scan is split over threads
 
 
@@ -65,55 +63,6 @@ def check_budget(budget: Any, n: int) -> int:
             "lower the budget or provide a larger candidate pool"
         )
     return budget
-
-
-class ApproxSpace:
-    """Centred float32 copy of the features with rigorous bounds on product-based distances.
-
-    ``xa[i] = float32(x[i] - mean)`` (float32 subtraction of one fixed float32 vector) and
-    ``s2[i] = |xa[i]|^2`` (float64). For the approximate squared distance
-    ``q = s2[i] + s2[j] - 2 * float32_dot(xa[i], xa[j])``:
-
-    * ``|q - |xa_i - xa_j|^2| <= E = 3 gamma_d s_i s_j + 4 (d + 3) u64 (s_i + s_j)^2`` (float32
-      dot products of any summation order obey ``gamma_d = d u32 / (1 - d u32)``);
-    * ``| |xa_i - xa_j| - |x_i - x_j| | <= F = 1.02 u32 (s_i + s_j)`` (rounding of the centring);
-    * the canonical float64 value is within a factor ``rel = 1 + 2 (d + 4) u64`` of the true one.
-
-    :meth:`lower` and :meth:`upper` turn ``q`` into bounds of the canonical distance.
-    """
-
-    def __init__(self, x: np.ndarray) -> None:
-        n, d = x.shape
-        self.d = d
-        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-        self.xa = x - mean  # any fixed translation works; float32 rounding is bounded by F
-        self.s2 = np.empty(n, dtype=np.float64)
-        for s in range(0, n, _CHUNK):
-            xa64 = self.xa[s : s + _CHUNK].astype(np.float64)
-            self.s2[s : s + _CHUNK] = np.einsum("ij,ij->i", xa64, xa64)
-        self.s = np.sqrt(self.s2)
-        du = d * _U32
-        if du >= 0.01:
-            raise UserInputError(
-                f"features have d={d} dimensions; at most {int(0.01 / _U32)} are supported, "
-                "reduce the dimension (e.g. PCA) first"
-            )
-        self.gamma = du / (1.0 - du)
-        self.c64 = 4.0 * (d + 3) * _U64
-        self.rel = (1.0 + 2.0 * (d + 4) * _U64) * (1.0 + 1e-12)
-
-    def err(self, si: np.ndarray | float, sj: np.ndarray | float) -> tuple[Any, Any]:
-        """The bounds (E, F) of the class docstring for norms ``si`` and ``sj``."""
-        ssum = si + sj
-        return 3.0 * self.gamma * si * sj + self.c64 * ssum * ssum, 1.02 * _U32 * ssum
-
-    def lower(self, q: Any, e: Any, f: Any) -> Any:
-        """Lower bound of the canonical distance given approximate squared distance ``q``."""
-        return (np.sqrt(np.maximum(q - e, 0.0)) - f) / self.rel
-
-    def upper(self, q: Any, e: Any, f: Any) -> Any:
-        """Upper bound of the canonical distance given approximate squared distance ``q``."""
-        return (np.sqrt(np.maximum(q + e, 0.0)) + f) * self.rel
 
 
 def random_select(n: int, budget: int, seed: int = 0) -> np.ndarray:
@@ -187,12 +136,22 @@ class _Greedy:
     T_MAX = 64  # largest batch
     ROWS = 8192  # rows per block of the full scan
 
-    def __init__(self, x: np.ndarray, budget: int, threads: int = 1) -> None:
+    def __init__(
+        self,
+        x: np.ndarray,
+        budget: int,
+        threads: int = 1,
+        space: ApproxSpace | None = None,
+        smax: float | None = None,
+    ) -> None:
         n, d = x.shape
         self.x, self.n, self.budget = x, n, budget
-        self.sp = sp = ApproxSpace(x)
+        # A shard of a pool passes the pool's common space and largest norm (centres come
+        # from other shards and must be within smax).
+        self.sp = sp = ApproxSpace(x) if space is None else space
         self.threads = min(threads, 8) if n * d >= _PAR_MIN else 1
-        self.smax = float(sp.s.max())
+        self.pool: ThreadPoolExecutor | None = None
+        self.smax = float(sp.s.max()) if smax is None else float(smax)
         self.m = np.full(n, np.inf)
         self.assign = np.full(n, -1, dtype=np.int64)
         # point i can get closer to new centre c only if dot(i, c) > v[i] + s2[c] / 2
@@ -217,17 +176,11 @@ class _Greedy:
         pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         try:
             self.pool = pool
-            self._place(np.array([first]), 0)
-            self.pairs = self.n
-            pts = np.arange(self.n)
-            self._set_m(pts, pair_distances(self.x, self.x[first]), np.zeros(self.n, np.int64))
-            self.members.append(pts)
-            self.mlen[0] = self.n
-            self._set_rad(np.array([0]), np.array([self.m.max()]))
+            self.start(np.array([first]), self.x[[first]])
             k = 1
             while k < self.budget:
                 batch = self._next_batch(self.budget - k)
-                self._add_batch(batch, k)
+                self.add_batch(batch, k)
                 k += len(batch)
         finally:
             if pool is not None:
@@ -259,13 +212,33 @@ class _Greedy:
                 return top[:j]
         return top
 
-    def _place(self, cs: np.ndarray, k: int) -> None:
+    def start(self, first: np.ndarray, row: np.ndarray, local: np.ndarray | None = None) -> None:
+        """The first centre ``first`` (one index) with float32 ``row`` (1, d); ``local`` as in
+        :meth:`add_batch`."""
+        self._place(first, 0, row if local is not None else None, local)
+        self.pairs = self.n
+        pts = np.arange(self.n)
+        self._set_m(pts, pair_distances(self.x, row[0]), np.zeros(self.n, np.int64))
+        self.members.append(pts)
+        self.mlen[0] = self.n
+        self._set_rad(np.array([0]), np.array([self.m.max()]))
+
+    def _place(
+        self, cs: np.ndarray, k: int, rows: np.ndarray | None, local: np.ndarray | None
+    ) -> np.ndarray:
+        """Centres ``cs`` as slots k, k+1, ...; returns their centred coordinates. ``rows``
+        and ``local`` as in :meth:`add_batch`."""
         sp, sl = self.sp, slice(k, k + len(cs))
-        self.selected[cs] = True
+        if rows is None:
+            xa, s2, s = sp.xa[cs], sp.s2[cs], sp.s[cs]
+        else:
+            xa, s2, s = sp.centre(rows)
+        self.selected[cs if local is None else local] = True
         self.centers[sl] = cs
-        self.ca[sl] = sp.xa[cs]
-        self.cs[sl], self.cs2[sl] = sp.s[cs], sp.s2[cs]
-        self.ecs[sl], self.fcs[sl] = sp.err(sp.s[cs], self.smax)
+        self.ca[sl] = xa
+        self.cs[sl], self.cs2[sl] = s, s2
+        self.ecs[sl], self.fcs[sl] = sp.err(s, self.smax)
+        return xa
 
     def _set_m(self, pts: np.ndarray, dist: np.ndarray, slots: np.ndarray) -> None:
         self.m[pts] = dist
@@ -278,24 +251,36 @@ class _Greedy:
         t = (self.rad3 * rad + self.fcs[slots]) * (1.0 + 1e-12)
         self.w[slots] = 0.5 * (self.cs2[slots] - self.ecs[slots] - t * t)
 
-    def _radii(self, cs: np.ndarray, slots: Any, j: Any, dots: np.ndarray) -> np.ndarray:
-        """Pruning radii for (group ``slots``, centre ``cs[j]``) pairs: a point of the group
-        with m <= h cannot get closer to the centre (triangle inequality, rounding included)."""
+    def _radii(self, k: int, slots: Any, j: Any, dots: np.ndarray) -> np.ndarray:
+        """Pruning radii for (group ``slots``, new centre slot ``k + j``) pairs: a point of the
+        group with m <= h cannot get closer to the centre (triangle inequality, rounding
+        included)."""
         sp = self.sp
-        q = self.cs2[slots] + sp.s2[cs][j] - 2.0 * dots.astype(np.float64)
-        e, f = sp.err(self.cs[slots], sp.s[cs][j])
+        q = self.cs2[slots] + self.cs2[k + j] - 2.0 * dots.astype(np.float64)
+        e, f = sp.err(self.cs[slots], self.cs[k + j])
         return sp.lower(q, e, f) / (2.0 * sp.rel * sp.rel)
 
-    def _add_batch(self, cs: np.ndarray, k: int) -> None:
-        """Add centres ``cs`` as slots k, k+1, ...: every point ends at its min over them."""
+    def add_batch(
+        self,
+        cs: np.ndarray,
+        k: int,
+        rows: np.ndarray | None = None,
+        local: np.ndarray | None = None,
+    ) -> None:
+        """Add centres ``cs`` as slots k, k+1, ...: every point ends at its min over them.
+
+        ``rows``: the centres' float32 rows when they are not rows of ``x`` (another shard's);
+        ``local``: then the rows of ``x`` among them (marked selected). None: ``cs`` index ``x``.
+        """
         sp, n = self.sp, self.n
-        self._place(cs, k)
+        xc = self._place(cs, k, rows, local)
         self.batches += 1
-        xc, lim = sp.xa[cs], 0.5 * sp.s2[cs]
+        lim = 0.5 * self.cs2[k : k + len(cs)]
+        rows = self.x[cs] if rows is None else rows
         dots_c = self.ca[:k] @ xc.T
         aff = dots_c > self.w[:k, None] + lim  # (group, centre) pairs that may matter
         if self.dirty:  # rebuild the groups once pruning would keep at most n / 4 points
-            h = self._radii(cs, np.arange(k)[:, None], np.arange(len(cs))[None, :], dots_c)
+            h = self._radii(k, np.arange(k)[:, None], np.arange(len(cs))[None, :], dots_c)
             h[~aff] = np.inf
             if 4 * np.count_nonzero(self.m > h.min(axis=1)[self.assign]) <= n:
                 self._rebuild(k)
@@ -303,7 +288,7 @@ class _Greedy:
             j, g = np.nonzero(aff.T)  # pairs sorted by centre
             lens = self.mlen[g]
             if lens.sum() <= 4 * n:
-                h = self._radii(cs, g, j, dots_c[g, j])
+                h = self._radii(k, g, j, dots_c[g, j])
                 pts = np.concatenate([self.members[a] for a in g.tolist()] or [g])
                 keep = self.m[pts] > np.repeat(h, lens)
                 pts, j = pts[keep], np.repeat(j, lens)[keep]
@@ -317,11 +302,11 @@ class _Greedy:
                             dots[lo:hi] = sp.xa[pts[lo:hi]] @ xc[c]
                         lo = hi
                     ok = dots > self.v[pts] + lim[j]
-                    self._settle(cs, k, pts[ok], j[ok], compact=True)
+                    self._settle(cs, k, pts[ok], j[ok], rows, compact=True)
                     return
         pts, j = self._scan(xc, lim)
         self.pairs += n * len(cs)
-        self._settle(cs, k, pts, j, compact=False)
+        self._settle(cs, k, pts, j, rows, compact=False)
 
     def _scan(self, xc: np.ndarray, lim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """All (point, centre) pairs that the float32 screen cannot rule out (see ``v``)."""
@@ -336,10 +321,18 @@ class _Greedy:
         out = list(self.pool.map(block, starts) if self.pool else map(block, starts))
         return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
-    def _settle(self, cs: np.ndarray, k: int, pts: np.ndarray, j: np.ndarray, compact: bool):
+    def _settle(
+        self,
+        cs: np.ndarray,
+        k: int,
+        pts: np.ndarray,
+        j: np.ndarray,
+        rows: np.ndarray,
+        compact: bool,
+    ) -> None:
         """Canonical distances of the screened pairs; each point moves to its nearest new
         centre when strictly closer than ``m``; the centres it leaves are compacted."""
-        dist = pair_distances(self.x[pts], self.x[cs[j]])
+        dist = pair_distances(self.x[pts], rows[j])
         better = dist < self.m[pts]
         pts, j, dist = pts[better], j[better], dist[better]
         if len(cs) > 1:  # keep each point's nearest new centre

@@ -35,7 +35,14 @@ from raycollapse.neighbors.distances import pair_distances
 from raycollapse.neighbors.threads import blas_single_threaded
 from raycollapse.neighbors.validate import as_features
 
-__all__ = ["ThresholdResult", "default_tau0", "threshold_select"]
+__all__ = [
+    "ThresholdResult",
+    "check_threshold_args",
+    "default_tau0",
+    "tau0_from_distances",
+    "tau0_pairs",
+    "threshold_select",
+]
 
 _BLOCK = 512  # candidates per block
 _CHUNK = 8 * _BLOCK  # candidates brought up to date together (sorted by progress)
@@ -81,11 +88,21 @@ def default_tau0(x: Any, budget: int, seed: int = 0) -> float:
     check_budget(budget, n)
     if n < 2:
         return 1.0
+    i, j = tau0_pairs(n, seed)
+    return tau0_from_distances(pair_distances(x[i], x[j]))
+
+
+def tau0_pairs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded pairs (i, j), i != j, of :func:`default_tau0`'s rule (n >= 2)."""
     rng = np.random.default_rng(seed)
     i = rng.integers(n, size=TAU0_PAIRS)
     j = rng.integers(n - 1, size=TAU0_PAIRS)
     j += j >= i
-    dist = pair_distances(x[i], x[j])
+    return i, j
+
+
+def tau0_from_distances(dist: np.ndarray) -> float:
+    """:func:`default_tau0` from the canonical distances of its pairs."""
     dist = dist[dist > 0.0]
     return float(np.median(dist)) if len(dist) else 1.0
 
@@ -109,6 +126,17 @@ def threshold_select(
     x = as_features(x, "features", min_rows=1)
     n = x.shape[0]
     budget = check_budget(budget, n)
+    check_threshold_args(decay, max_passes, tau0)
+    if tau0 is None:
+        tau0 = default_tau0(x, budget, seed)
+    order = np.random.default_rng(seed).permutation(n)
+    with blas_single_threaded():
+        return _Threshold(x, budget).run(order, float(tau0), float(decay), int(max_passes))
+
+
+def check_threshold_args(decay: Any, max_passes: Any, tau0: Any) -> None:
+    """UserInputError for decay outside (0, 1), max_passes < 1, or a tau0 (not None) that is
+    not a positive finite number."""
     if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 < decay < 1.0:
         raise UserInputError(
             f"decay must be a number strictly between 0 and 1, got {decay!r}; e.g. decay=0.9"
@@ -117,9 +145,7 @@ def threshold_select(
         raise UserInputError(f"max_passes must be an integer >= 1, got {max_passes!r}")
     if max_passes < 1:
         raise UserInputError(f"max_passes must be >= 1, got {max_passes}; e.g. max_passes=10000")
-    if tau0 is None:
-        tau0 = default_tau0(x, budget, seed)
-    elif (
+    if tau0 is not None and (
         isinstance(tau0, bool)
         or not isinstance(tau0, numbers.Real)
         or not math.isfinite(tau0)
@@ -129,9 +155,26 @@ def threshold_select(
             f"tau0 must be a positive finite number, got {tau0!r}; pass e.g. tau0=1.0 or omit it "
             "to use default_tau0 (the typical spacing of `budget` random points)"
         )
-    order = np.random.default_rng(seed).permutation(n)
-    with blas_single_threaded():
-        return _Threshold(x, budget).run(order, float(tau0), float(decay), int(max_passes))
+
+
+def duplicates_error(accepted: int, n: int, budget: int) -> UserInputError:
+    """The error when a pass accepts nobody and only duplicates of accepted points remain."""
+    return UserInputError(
+        f"only {accepted} distinct points among the N={n} candidates; budget "
+        f"{budget} too large: lower the budget to at most {accepted} or "
+        "remove exact duplicates from the pool"
+    )
+
+
+def passes_error(
+    accepted: int, budget: int, max_passes: int, tau0: float, tau: float
+) -> UserInputError:
+    """The error when ``max_passes`` passes (the last at ``tau``) do not reach the budget."""
+    return UserInputError(
+        f"threshold decay accepted only {accepted} of budget {budget} points in "
+        f"max_passes={max_passes} passes (tau fell from {tau0:g} to {tau:g}); raise "
+        "max_passes, lower tau0 or use a smaller decay"
+    )
 
 
 class _Threshold:
@@ -141,6 +184,8 @@ class _Threshold:
         n, d = x.shape
         self.x, self.n, self.budget = x, n, budget
         self.sp = ApproxSpace(x)
+        # canonical rows of the accepted points (other shards' included); None: rows of x
+        self.acc_x: np.ndarray | None = None
         self.lb = np.full(n, np.inf)  # bounds of the canonical min distance to acc[:cnt]
         self.ub = np.full(n, np.inf)
         self.cnt = np.zeros(n, dtype=np.int64)
@@ -157,30 +202,30 @@ class _Threshold:
         checked_at = -1
         for passes in range(1, max_passes + 1):
             a_pass = self.a
-            viable = remaining[self.ub[remaining] > tau]
-            for s in range(0, len(viable), _CHUNK):
-                chunk = viable[s : s + _CHUNK]
-                self._bulk_update(chunk)
-                chunk = chunk[self.ub[chunk] > tau]
-                for b in range(0, len(chunk), _BLOCK):
-                    if self._block(chunk[b : b + _BLOCK], tau):
-                        return ThresholdResult(self.acc.copy(), tau0, tau, passes)
+            if self.walk(remaining, tau):
+                return ThresholdResult(self.acc.copy(), tau0, tau, passes)
             if self.a > a_pass:
                 remaining = remaining[~self.done[remaining]]
             elif self.a != checked_at:
                 checked_at = self.a
                 if self._all_duplicates(remaining):
-                    raise UserInputError(
-                        f"only {self.a} distinct points among the N={self.n} candidates; budget "
-                        f"{self.budget} too large: lower the budget to at most {self.a} or "
-                        "remove exact duplicates from the pool"
-                    )
+                    raise duplicates_error(self.a, self.n, self.budget)
             tau = tau * decay
-        raise UserInputError(
-            f"threshold decay accepted only {self.a} of budget {self.budget} points in "
-            f"max_passes={max_passes} passes (tau fell from {tau0:g} to {tau / decay:g}); raise "
-            "max_passes, lower tau0 or use a smaller decay"
-        )
+        raise passes_error(self.a, self.budget, max_passes, tau0, tau / decay)
+
+    def walk(self, candidates: np.ndarray, tau: float) -> bool:
+        """One pass at ``tau`` over ``candidates`` in order (rows of x not yet accepted): each
+        is accepted when its distance to every accepted point is > tau. True when the budget
+        is reached (the walk stops there)."""
+        viable = candidates[self.ub[candidates] > tau]
+        for s in range(0, len(viable), _CHUNK):
+            chunk = viable[s : s + _CHUNK]
+            self._bulk_update(chunk)
+            chunk = chunk[self.ub[chunk] > tau]
+            for b in range(0, len(chunk), _BLOCK):
+                if self._block(chunk[b : b + _BLOCK], tau):
+                    return True
+        return False
 
     def _block(self, blk: np.ndarray, tau: float) -> bool:
         """Process one block of candidates in order; True when the budget is reached."""
@@ -238,9 +283,9 @@ class _Threshold:
 
     def _exact_min(self, rows: np.ndarray) -> None:
         """Canonical min distance of each of ``rows`` to all accepted points."""
-        acc = self.acc[: self.a]
+        acc = self.x[self.acc[: self.a]] if self.acc_x is None else self.acc_x[: self.a]
         for i in rows:
-            v = float(pair_distances(self.x[acc], self.x[i]).min()) if self.a else np.inf
+            v = float(pair_distances(acc, self.x[i]).min()) if self.a else np.inf
             self.lb[i] = self.ub[i] = v
             self.cnt[i] = self.a
 
