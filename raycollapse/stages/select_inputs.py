@@ -1,0 +1,113 @@
+"""Where sharded selection and entropy get their rows without gathering them on the driver:
+Parquet embedding shards (footers only here) or ``.npy`` files (headers only here); each actor
+then reads its own row ranges with :func:`read_pieces`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from raycollapse.data.inputs import EMBEDDING_COLUMN
+from raycollapse.errors import UserInputError
+from raycollapse.io.parquet import list_column_to_matrix
+from raycollapse.io.storage import open_fs, read_parquet
+from raycollapse.neighbors.validate import as_features
+from raycollapse.stages.knn_shard_inputs import Piece, embedding_parquet_files, parquet_row_counts
+
+__all__ = ["Pool", "npy_shape", "pool_of", "read_pieces"]
+
+
+@dataclass(frozen=True)
+class Pool:
+    """N rows either in memory (``array``) or in ``files`` with ``counts`` rows each."""
+
+    n: int
+    array: np.ndarray | None = None
+    files: list[str] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+
+
+def npy_shape(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of a ``.npy`` file from its header (no data read)."""
+    fs, inner = open_fs(path)
+    try:
+        with fs.open_input_file(inner) as f:
+            fmt = np.lib.format
+            major, _ = fmt.read_magic(f)
+            header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+            shape, fortran, dtype = header(f)
+            offset = f.tell()
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"cannot read '{path}' as a .npy array ({exc})") from None
+    if fortran or len(shape) != 2 or not np.issubdtype(dtype, np.number):
+        raise UserInputError(
+            f"'{path}' holds a {'Fortran-ordered ' if fortran else ''}{dtype} array of shape "
+            f"{shape}; sharded selection needs N x d numeric embeddings (np.save of a C array)"
+        )
+    return shape, dtype, offset
+
+
+def pool_of(source: np.ndarray | str | Path, column: str = EMBEDDING_COLUMN) -> Pool:
+    """The pool behind ``source``: an (N, d) array, Parquet embedding shards (file, folder or
+    URI) or ``.npy`` embedding files (a file or a folder of them, in sorted order)."""
+    if not isinstance(source, (str, Path)):
+        x = as_features(source, "features", min_rows=1)
+        return Pool(len(x), array=x)
+    text = str(source)
+    if "://" not in text and not Path(text).exists():
+        raise UserInputError(
+            f"input '{text}' does not exist; pass a .npy file, Parquet embedding shards (a "
+            "file, folder or URI) or a folder of .npy files"
+        )
+    files = embedding_parquet_files(text, column)
+    if files is not None:
+        counts = parquet_row_counts(files, column)
+    else:
+        p = Path(text)
+        files = [str(f) for f in sorted(p.rglob("*.npy"))] if p.is_dir() else [text]
+        if not files or not all(f.endswith(".npy") for f in files):
+            raise UserInputError(
+                f"'{text}' is neither Parquet with an '{column}' column nor .npy embeddings; "
+                "run `raycollapse embed` first or pass .npy embeddings"
+            )
+        shapes = [npy_shape(f)[0] for f in files]
+        if len({s[1] for s in shapes}) != 1:
+            raise UserInputError(f"the .npy files under '{text}' differ in dimension; re-embed")
+        counts = [s[0] for s in shapes]
+    n = int(sum(counts))
+    if n == 0:
+        raise UserInputError(f"input '{text}' holds no rows; pass a non-empty pool")
+    return Pool(n, files=files, counts=counts)
+
+
+def read_pieces(pieces: Sequence[Piece], column: str) -> np.ndarray:
+    """The float32 rows of ``pieces`` (Parquet or ``.npy`` row ranges), concatenated."""
+    parts = []
+    for p in pieces:
+        try:
+            if p.path.endswith(".npy"):
+                parts.append(_npy_rows(p))
+            else:
+                table = read_parquet(p.path, columns=[column]).slice(p.start, p.stop - p.start)
+                values = table.column(column).combine_chunks()
+                parts.append(list_column_to_matrix(values, column, p.path))
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise UserInputError(
+                f"cannot read shard file '{p.path}' ({exc}); it was listed when the selection "
+                "started: restore it or rerun on the files that exist"
+            ) from None
+    x = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return x.astype(np.float32, copy=False)
+
+
+def _npy_rows(p: Piece) -> np.ndarray:
+    (_, d), dtype, offset = npy_shape(p.path)
+    fs, inner = open_fs(p.path)
+    with fs.open_input_file(inner) as f:
+        f.seek(offset + p.start * d * dtype.itemsize)
+        data = f.read((p.stop - p.start) * d * dtype.itemsize)
+    return np.frombuffer(data, dtype=dtype).reshape(p.stop - p.start, d)
