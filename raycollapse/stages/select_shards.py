@@ -164,7 +164,12 @@ def select_sharded(
         if method == "greedy" and approximate:
 
             def local(seeds: list[int]) -> list:
-                return _get([a.greedy_local.remote(budget, s) for a, s in zip(sh.actors, seeds)])
+                return _get(
+                    [
+                        a.greedy_local.remote(budget, s)
+                        for a, s in zip(sh.actors, seeds, strict=True)
+                    ]
+                )
 
             return Selection(two_round_greedy(local, shards, budget, seed), method)
         if method == "greedy":
@@ -204,7 +209,7 @@ class _Shards:
                 srcs = [ray.put(pool.array[bounds[s] : bounds[s + 1]]) for s in range(shards)]
             else:
                 srcs = plan_pieces(pool.files, pool.counts, bounds)
-            info = _get([a.load.remote(p, column) for a, p in zip(self.actors, srcs)])
+            info = _get([a.load.remote(p, column) for a, p in zip(self.actors, srcs, strict=True)])
         except BaseException:
             self.shutdown()
             raise
