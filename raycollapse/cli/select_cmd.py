@@ -59,7 +59,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--shards",
         type=int,
         default=None,
-        help="kNN shards (Ray actors) for the report's entropy/min distance (knn.shards)",
+        help="Ray actors that each hold one shard of INPUT and run the selection (and the "
+        "report's kNN) together (knn.shards); 1 = in-process",
+    )
+    p.add_argument(
+        "--approximate",
+        action="store_true",
+        help="with --shards and greedy: greedy per shard, then over the union (faster, inexact)",
+    )
+    p.add_argument(
+        "--cpus-per-shard",
+        type=float,
+        default=None,
+        help="Ray CPUs per shard actor (fractions allowed); default: 1, or an equal share of "
+        "the cluster's CPUs when it has fewer than --shards",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_args(p)
@@ -82,31 +95,45 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in OUT_SUFFIXES:
         raise UserInputError(f"--out '{out}' must end in .npy or .parquet.")
-    loaded = load_features(args.input)
-    x = loaded.features
-    if sel.budget > len(x):
+    if args.approximate and cfg.knn.shards == 1:
         raise UserInputError(
-            f"budget {sel.budget} is larger than the number of rows N={len(x)}; pass --budget <= {len(x)}."
+            "--approximate needs --shards S > 1 (the two-round greedy is per shard)"
         )
-    if cfg.knn.shards != 1:  # Ray only when asked for: the default path never imports it
-        from raycollapse.stages.knn_shards_cli import check_shards, selection_report
-
-        check_shards(cfg.knn.shards, len(x))  # fail before the selection runs
-
+    if args.cpus_per_shard is not None and not args.cpus_per_shard > 0:
+        raise UserInputError(f"--cpus-per-shard must be > 0, got {args.cpus_per_shard:g}")
     start = time.perf_counter()
-    chosen_by = select(x, sel.method, sel.budget, seed=sel.seed, tau0=sel.tau0, decay=sel.decay)
-    seconds = time.perf_counter() - start
-    idx = chosen_by.indices
+    if cfg.knn.shards != 1:  # Ray only when asked for: the default path never imports it
+        from raycollapse.stages.knn_shards_cli import selection_report
+        from raycollapse.stages.select_cli import select_input
 
-    _write_indices(out, idx, loaded.ids)
-    chosen = x[idx]
-    if cfg.knn.shards != 1:
+        got = select_input(
+            args.input,
+            sel,
+            cfg.knn.shards,
+            approximate=args.approximate,
+            cpus=args.cpus_per_shard,
+        )
+        seconds = time.perf_counter() - start
+        chosen_by, n, d, chosen, ids = got.selection, got.n, got.d, got.chosen, got.ids
+        _write_indices(out, chosen_by.indices, ids)
         min_dist, entropy = selection_report(chosen, cfg.knn)
     else:
+        loaded = load_features(args.input)
+        x = loaded.features
+        n, d = x.shape
+        if sel.budget > n:
+            raise UserInputError(
+                f"budget {sel.budget} is larger than the number of rows N={n}; pass --budget <= {n}."
+            )
+        chosen_by = select(x, sel.method, sel.budget, seed=sel.seed, tau0=sel.tau0, decay=sel.decay)
+        seconds = time.perf_counter() - start
+        idx = chosen_by.indices
+        _write_indices(out, idx, None if loaded.ids is None else loaded.ids[idx])
+        chosen = x[idx]
         min_dist, entropy = _min_pairwise(chosen), _entropy_or_none(chosen, cfg.knn.k, cfg.knn.eps)
     result: dict[str, object] = {
-        "n": len(x),
-        "d": x.shape[1],
+        "n": n,
+        "d": d,
         "budget": int(sel.budget),
         "method": sel.method,
         "seed": int(sel.seed),
@@ -135,6 +162,7 @@ def _entropy_or_none(x: np.ndarray, k: int, eps: float) -> float | None:
 
 
 def _write_indices(out: Path, idx: np.ndarray, ids: np.ndarray | None) -> None:
+    """Write ``idx`` (and the chosen rows' ``ids``, aligned with it) to OUT atomically."""
     idx = np.asarray(idx, dtype=np.int64)
     with atomic_path(out) as tmp:
         if out.suffix == ".npy":
@@ -142,5 +170,5 @@ def _write_indices(out: Path, idx: np.ndarray, ids: np.ndarray | None) -> None:
         else:
             cols = {"rank": np.arange(len(idx), dtype=np.int64), "index": idx}
             if ids is not None:
-                cols["id"] = ids[idx]
+                cols["id"] = ids
             pq.write_table(pa.table(cols), tmp)

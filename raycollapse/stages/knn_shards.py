@@ -36,8 +36,6 @@ import ray
 from raycollapse.curation.entropy import EntropyResult, entropy_from_knn_distances
 from raycollapse.data.inputs import EMBEDDING_COLUMN
 from raycollapse.errors import UserInputError
-from raycollapse.io.parquet import list_column_to_matrix
-from raycollapse.io.storage import read_parquet
 from raycollapse.metrics.memorization import generalization_from_distances, memorized_from_distances
 from raycollapse.neighbors.knn import ExactIndex, KnnMethod, KnnResult, drop_self, merge_topk
 from raycollapse.neighbors.validate import as_features, check_k
@@ -51,6 +49,7 @@ from raycollapse.stages.knn_shard_inputs import (
     plan_pieces,
 )
 from raycollapse.stages.runtime import ensure_ray
+from raycollapse.stages.select_inputs import npy_shape, read_pieces
 
 __all__ = [
     "KnnShard",
@@ -97,13 +96,8 @@ class KnnShard:
         return self.index.ntotal, self.index.d
 
     def load_parquet(self, pieces: Sequence[Piece], column: str) -> tuple[int, int]:
-        """Read this shard's rows from Parquet files itself; returns (rows, d)."""
-        parts = []
-        for p in pieces:
-            table = read_parquet(p.path, columns=[column]).slice(p.start, p.stop - p.start)
-            values = table.column(column).combine_chunks()
-            parts.append(list_column_to_matrix(values, column, p.path))
-        return self.load_array(np.concatenate(parts) if len(parts) > 1 else parts[0])
+        """Read this shard's rows from Parquet (or ``.npy``) files itself; returns (rows, d)."""
+        return self.load_array(read_pieces(pieces, column))
 
     def search(self, queries: np.ndarray, k: int, batch_size: int) -> KnnResult:
         """This shard's ``min(k, rows)`` nearest rows of each query, with GLOBAL indices."""
@@ -197,7 +191,7 @@ class ShardedIndex:
         """Start ``shards`` actors over the rows of ``source`` cut into contiguous shards.
 
         ``source``: an (N, d) array (sent through the object store), or a Parquet file, folder
-        or URI, or an explicit list of Parquet files, with an embedding ``column`` (each actor
+        or URI, or an explicit list of Parquet (or ``.npy``) files, with an embedding ``column`` (each actor
         reads its own rows). ``spread``: place actors with the SPREAD strategy, so shards land
         on different nodes (memory per node). Each actor's FAISS uses ``max(1,
         int(num_cpus_per_shard))`` threads; ``num_gpus_per_shard > 0`` asks for a GPU index
@@ -220,7 +214,12 @@ class ShardedIndex:
             files = list(source)
         else:
             x = as_features(source, "database", min_rows=1)
-        counts = [x.shape[0]] if x is not None else parquet_row_counts(files, column)
+        if x is not None:
+            counts = [x.shape[0]]
+        elif all(f.endswith(".npy") for f in files):
+            counts = [npy_shape(f)[0][0] for f in files]
+        else:
+            counts = parquet_row_counts(files, column)
         n = int(sum(counts))
         shards = check_shards(shards, n)
         bounds = (np.arange(shards + 1, dtype=np.int64) * n) // shards

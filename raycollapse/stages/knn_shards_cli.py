@@ -15,10 +15,12 @@ import ray
 
 from raycollapse.curation.entropy import EntropyResult, entropy_from_knn_distances
 from raycollapse.data.inputs import load_features
+from raycollapse.errors import UserInputError
 from raycollapse.neighbors.validate import as_features, check_k
 from raycollapse.stages.knn_shard_inputs import check_shards, embedding_parquet_files
 from raycollapse.stages.knn_shards import ShardedIndex
 from raycollapse.stages.runtime import ensure_ray
+from raycollapse.stages.select_inputs import npy_shape
 
 __all__ = ["check_shards", "entropy_of_input", "selection_report"]
 
@@ -33,10 +35,16 @@ def _cpus_per_shard(shards: int) -> float:
 def entropy_of_input(path: str | Path, knn: Any, *, seed: int = 0) -> tuple[EntropyResult, str]:
     """KL entropy of INPUT on ``knn.shards`` actors; returns (result, feature kind).
 
-    Parquet embedding shards are read by the actors themselves; any other INPUT is loaded on
+    Parquet embedding shards and a 2-D ``.npy`` file are read by the actors themselves; any other INPUT is loaded on
     the driver with :func:`load_features` and sent through the object store.
     """
     files = embedding_parquet_files(path)
+    if files is None and str(path).endswith(".npy") and Path(str(path)).is_file():
+        try:
+            npy_shape(str(path))  # 2-D numeric: the actors read their own row ranges
+            files = [str(path)]
+        except UserInputError:
+            pass  # images or a bad file: load_features handles or explains it
     source: np.ndarray | list[str]
     if files is None:
         loaded = load_features(path)
