@@ -65,7 +65,12 @@ def pool_of(source: np.ndarray | str | Path, column: str = EMBEDDING_COLUMN) -> 
         )
     files = embedding_parquet_files(text, column)
     if files is not None:
-        counts = parquet_row_counts(files, column)
+        counts = []
+        for f in files:
+            try:
+                counts += parquet_row_counts([f], column)
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise UserInputError(f"cannot read Parquet shard '{f}' ({exc})") from None
     else:
         p = Path(text)
         files = [str(f) for f in sorted(p.rglob("*.npy"))] if p.is_dir() else [text]

@@ -124,6 +124,7 @@ def _write_parquet(x: np.ndarray, folder, sizes: list[int]) -> None:
         start += size
 
 
+@pytest.mark.slow
 def test_ray_shards_equal_single_node(ray_local, tmp_path):
     """Arrays, .npy and Parquet shards read by the actors; greedy, threshold, approximate."""
     x = _pool(1)
