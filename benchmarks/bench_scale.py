@@ -126,6 +126,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         np.save(Path(args.data) / f"{args.case}.npy", sel.indices)
     else:
         cluster = _cluster(args.nodes)
+        t0 = time.perf_counter()  # the selection or entropy, not the cluster's start
         if args.case == "entropy":
             from raycollapse.stages.knn_shards import ShardedIndex
 
