@@ -23,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "sweep's report instead, into SWEEP_DIR/report unless --out is given."
         ),
     )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder or sweep folder (path or URI)")
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run folder or sweep folder (path or URI)"
+    )
     p.add_argument(
         "--out",
         default=None,

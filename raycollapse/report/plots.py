@@ -187,7 +187,9 @@ def plot_param(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    points = [(x, float(y)) for x, y in zip(xs, ys, strict=True) if _is_number(y) and math.isfinite(y)]
+    points = [
+        (x, float(y)) for x, y in zip(xs, ys, strict=True) if _is_number(y) and math.isfinite(y)
+    ]
     if not points:
         return None
     fig = Figure(figsize=(4.8, 3.1), dpi=dpi)

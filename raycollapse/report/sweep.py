@@ -122,8 +122,7 @@ def _trials_table(keys: list[str], trials: list[TrialRows], best: TrialRows | No
     from raycollapse.report.html import _fmt
 
     head = "".join(
-        f"<th>{escape(h)}</th>"
-        for h in ("trial", "status", *keys, "iterations", "final objective")
+        f"<th>{escape(h)}</th>" for h in ("trial", "status", *keys, "iterations", "final objective")
     )
     body = []
     for t in trials:
@@ -156,7 +155,9 @@ def render_sweep(root: str, *, title: str | None = None) -> tuple[str, dict[str,
     curve = plot_metric("objective", as_runs).png if trials else None
     params = "".join(
         _figure(
-            plot_param(k, [t.values.get(k) for t in trials], [t.final for t in trials], "objective"),
+            plot_param(
+                k, [t.values.get(k) for t in trials], [t.final for t in trials], "objective"
+            ),
             f"plot: objective vs {k}",
             f"{k}: no trial has an objective",
         )
