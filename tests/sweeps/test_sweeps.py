@@ -266,3 +266,28 @@ def test_select_smoke_config_checks():
     pool = load_pool(sweep)
     assert pool.shape == (1797, 64)
     assert len(check_sweep(sweep, len(pool))) == 1 + 3 + 2
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parents[2] / "configs" / "sweeps").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_every_example_sweep_loads_and_passes_its_checks(path, monkeypatch):
+    """Each file of configs/sweeps/ loads and passes check_sweep (no trial runs); the example
+    space sizes are those their headers state."""
+    from raycollapse.cli.sweep_cmd import load_pool
+    from raycollapse.sweeps.config import check_sweep, load_sweep
+
+    monkeypatch.chdir(Path(__file__).parents[2])  # base: paths are relative to the repository
+    # No pretrained weights are fetched in tests: random ones for the feature extractors.
+    sweep = load_sweep(path, ["base.features.pretrained=none"])
+    rows = len(load_pool(sweep)) if sweep.cfg.kind == "select" else None
+    configs = check_sweep(sweep, rows)
+    assert configs[0] is sweep.base
+    grid = math.prod(len(d.values) for d in sweep.space.dimensions if d.kind == "grid")
+    trials = grid * max(1, len(sweep.space.variants)) * sweep.cfg.num_samples
+    expected = {"strategies.yaml": 12, "knn_k.yaml": 15, "threshold_schedule.yaml": 20,
+                "cifar10_paradigm_strategy.yaml": 8, "smoke.yaml": 2, "select_smoke.yaml": 6}  # fmt: skip
+    if path.name in expected:
+        assert trials == expected[path.name]
