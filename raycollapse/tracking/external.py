@@ -67,8 +67,11 @@ class MLflowLogger:
             )
             name = run.rstrip("/").rsplit("/", 1)[-1]
             self.entry["run_id"] = self.client.create_run(exp_id, run_name=name).info.run_id
-            for key, value in _flat(config).items():
-                self.client.log_param(self.entry["run_id"], key, str(value))
+            from mlflow.entities import Param
+
+            params = [Param(k, str(v)) for k, v in _flat(config).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(self.entry["run_id"], params=params[i : i + 100])
             ledger.save()
 
     def log(self, row: dict[str, Any], png: bytes | None) -> None:
