@@ -100,7 +100,8 @@ def test_two_loop_trials_run_at_once_on_two_cpus(tmp_path, capsys, ray_local):
     from helpers import read_tensorboard
 
     storage = tmp_path / "sweep"
-    base = {**TINY, "train": {**TINY["train"], "steps": 4, "warmup_steps": 1},
+    base = {**TINY, "data": {"source": "digits", "n": 32},
+            "train": {**TINY["train"], "steps": 4, "warmup_steps": 1},
             "sample": {"steps": 2, "batch_size": 16, "group_size": 8},
             "loop": {**TINY["loop"], "iterations": 1, "train_size": 8, "pool_multiple": 1}}  # fmt: skip
     sweep = {
