@@ -258,3 +258,61 @@ def report_summary(page: str) -> dict[str, dict[str, str]]:
     rows = parser.tables["summary"]
     runs = rows[0][1:]
     return {run: {r[0]: r[1 + j] for r in rows[1:]} for j, run in enumerate(runs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard event files, read back without the code under test
+
+
+def _crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked(crc: int) -> int:
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def read_tfrecords(path) -> list[bytes]:
+    """The records of a TFRecord file, each checked against its two masked CRC-32C."""
+    import struct
+    from pathlib import Path
+
+    data, out, pos = Path(path).read_bytes(), [], 0
+    while pos < len(data):
+        header = data[pos : pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", data[pos + 8 : pos + 12])[0] == _masked(_crc32c(header))
+        body = data[pos + 12 : pos + 12 + length]
+        end = pos + 12 + length
+        assert struct.unpack("<I", data[end : end + 4])[0] == _masked(_crc32c(body))
+        out.append(body)
+        pos = end + 4
+    return out
+
+
+def read_tensorboard(folder) -> tuple[dict[tuple[int, str], list[float]], dict[int, list[bytes]]]:
+    """Every event file under ``folder``: (step, tag) -> the scalar values logged (a list, so a
+    duplicate shows), and step -> the encoded images logged."""
+    from pathlib import Path
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    values: dict[tuple[int, str], list[float]] = {}
+    images: dict[int, list[bytes]] = {}
+    for path in sorted(Path(folder).rglob("*tfevents*")):
+        for rec in read_tfrecords(path):
+            ev = Event.FromString(rec)
+            for v in ev.summary.value:
+                if v.HasField("image"):
+                    images.setdefault(ev.step, []).append(v.image.encoded_image_string)
+                elif v.HasField("tensor"):
+                    values.setdefault((ev.step, v.tag), []).extend(v.tensor.double_val)
+                else:
+                    values.setdefault((ev.step, v.tag), []).append(v.simple_value)
+    return values, images

@@ -2,8 +2,9 @@
 
 Prints progress on stderr and, last, one JSON line on stdout: ``trials``, ``finished``,
 ``stopped_early``, ``errored``, ``best_trial``, ``best_value``, ``best_config`` (its swept
-values), ``results`` (the Parquet table; a CSV beside it) and ``best`` (``best.yaml``, the best
-trial's full loop config). Re-running the same command resumes an interrupted sweep.
+values), ``results`` (the Parquet table; a CSV beside it), ``best`` (``best.yaml``, the best
+trial's full loop config) and ``report`` (``<storage>/report/index.html``, the sweep report; its
+``summary.json`` beside it). Re-running the same command resumes an interrupted sweep.
 """
 
 from __future__ import annotations

@@ -279,3 +279,26 @@ class Config:
     """Ray resources."""
     loop: LoopConfig = field(default_factory=LoopConfig)
     """The self-consuming loop."""
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig())
+    """Experiment tracking (TensorBoard by default; MLflow, Weights & Biases)."""
+
+
+@dataclass
+class TrackingConfig:
+    """Where ``raycollapse run`` and ``raycollapse sweep`` log per-iteration metrics besides the
+    run folder. Changing it never changes a run's results."""
+
+    tensorboard: bool = True
+    """TensorBoard event files in <run>/tensorboard/ (every metric per iteration, the sample grid)."""
+    mlflow: bool = False
+    """Log to MLflow (needs `pip install mlflow`); sweeps use Ray Tune's MLflowLoggerCallback."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI (e.g. http://host:5000 or file:./mlruns); null: MLflow's default."""
+    mlflow_experiment: str = "raycollapse"
+    """MLflow experiment name (created when absent)."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs `pip install wandb`); sweeps use Ray Tune's WandbLoggerCallback."""
+    wandb_project: str = "raycollapse"
+    """Weights & Biases project name."""
+    wandb_mode: Literal["online", "offline"] | None = None
+    """Weights & Biases mode: online, offline (sync later with `wandb sync`); null: its default."""

@@ -17,6 +17,7 @@ from html import escape
 from PIL import Image, UnidentifiedImageError
 
 from raycollapse.report.collect import IterationData, NearestPair, RunData, config_value
+from raycollapse.report.correlation import X_METRIC, Y_METRIC, Correlation
 from raycollapse.report.plots import GROUPS, MetricPlot
 
 # Config values shown in the runs table: (column title, dotted key).
@@ -181,10 +182,43 @@ def _memorized(run: RunData) -> str:
     return "".join(parts)
 
 
-def render(
-    runs: Sequence[RunData], plots: Sequence[MetricPlot], *, title: str | None = None
+def correlation_section(
+    per_group: Sequence[tuple[str, Correlation]],
+    pooled: Correlation,
+    scatter: bytes | None,
+    what: str,
 ) -> str:
-    """The whole page as a string."""
+    """Pearson's r of ``entropy_train`` against ``generalization_score``: a table (one row per
+    run or trial, then all of them pooled) and the scatter plot. An undefined r says why."""
+    head = f"<tr><th>{escape(what)}</th><th>r</th><th>n</th></tr>"
+
+    def row(name: str, c: Correlation, cls: str = "") -> str:
+        r = _fmt(c.r) if c.r is not None else f"undefined: {escape(c.reason or '')}"
+        return f"<tr{cls}><td>{escape(name)}</td><td class='num'>{r}</td><td class='num'>{c.n}</td></tr>"
+
+    rows = "".join(row(name, c) for name, c in per_group)
+    rows += row(f"all {what}s", pooled, " class='pooled'")
+    img = (
+        f"<figure><img src='{data_uri(scatter)}' alt='scatter: {X_METRIC} vs {Y_METRIC}'>"
+        f"<figcaption>{escape(pooled.text())} over all {escape(what)}s and iterations</figcaption></figure>"
+        if scatter is not None
+        else f"<p class='missing'>no iteration has both {X_METRIC} and {Y_METRIC}</p>"
+    )
+    return (
+        f"<p>Pearson correlation of <code>{X_METRIC}</code> (x) and <code>{Y_METRIC}</code> (y) "
+        f"over iterations (the paper reports r = 0.91).</p>"
+        f"<div class='row'><table id='correlation'>{head}{rows}</table>{img}</div>"
+    )
+
+
+def render(
+    runs: Sequence[RunData],
+    plots: Sequence[MetricPlot],
+    *,
+    title: str | None = None,
+    correlation: str = "",
+) -> str:
+    """The whole page as a string; ``correlation``: the section of :func:`correlation_section`."""
     title = title or "raycollapse report: " + ", ".join(r.name for r in runs)
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     metrics = [p.metric for p in plots]
@@ -192,9 +226,11 @@ def render(
         f"<h1>{escape(title)}</h1><p>generated {escape(when)} by <code>raycollapse report</code>. "
         "Generated image | nearest training image; memorized when d1 &lt; d2/3.</p>",
         "<nav><a href='#runs'>runs</a> · <a href='#summary'>last iteration</a> · "
+        "<a href='#correlation-section'>entropy vs generalization</a> · "
         "<a href='#plots'>metrics</a> · <a href='#samples'>samples</a> · <a href='#memorized'>most memorized</a></nav>",
         f"<h2 id='runs'>Runs</h2>{_runs_table(runs)}",
         f"<h2 id='summary'>Last iteration</h2>{_summary_table(runs, metrics)}",
+        "<h2 id='correlation-section'>Entropy and generalization</h2>" + correlation,
         f"<h2 id='plots'>Metrics by iteration</h2>{_plots(plots)}",
         "<h2 id='samples'>Samples by iteration</h2>" + "".join(_samples(r) for r in runs),
         "<h2 id='memorized'>Most memorized samples</h2>" + "".join(_memorized(r) for r in runs),

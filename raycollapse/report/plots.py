@@ -141,3 +141,73 @@ def plot_metric(metric: str, runs: Sequence[RunData], *, dpi: int = 100) -> Metr
 def plot_all(runs: Sequence[RunData], *, dpi: int = 100) -> list[MetricPlot]:
     """A plot per metric of :func:`metric_names`, in report order."""
     return [plot_metric(name, runs, dpi=dpi) for name in metric_names(runs)]
+
+
+def plot_scatter(
+    groups: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    x_label: str,
+    y_label: str,
+    title: str,
+    *,
+    dpi: int = 100,
+    max_legend: int = 12,
+) -> bytes | None:
+    """One PNG: ``y`` against ``x``, one colour and marker per group (a run or a trial);
+    ``None`` when no group has a point. The legend lists at most ``max_legend`` groups."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    drawn = [(name, list(xs), list(ys)) for name, xs, ys in groups if len(xs)]
+    if not drawn:
+        return None
+    fig = Figure(figsize=(4.8, 3.6), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for j, (name, xs, ys) in enumerate(drawn):
+        ax.scatter(xs, ys, s=18, marker=_MARKERS[j % len(_MARKERS)], alpha=0.8, label=name)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(x_label, fontsize=9)
+    ax.set_ylabel(y_label, fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(True, alpha=0.3)
+    if len(drawn) <= max_legend:
+        ax.legend(fontsize=7, loc="best", frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_param(
+    key: str, xs: Sequence[object], ys: Sequence[float], y_label: str, *, dpi: int = 100
+) -> bytes | None:
+    """One PNG: the final objective of each trial against one swept value ``key``. Numbers sit on
+    a numeric axis; anything else (names, lists) on one category per distinct value, in order of
+    first appearance. ``None`` when no trial has a finite objective."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points = [
+        (x, float(y)) for x, y in zip(xs, ys, strict=True) if _is_number(y) and math.isfinite(y)
+    ]
+    if not points:
+        return None
+    fig = Figure(figsize=(4.8, 3.1), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if all(_is_number(x) for x, _ in points):
+        ax.scatter([x for x, _ in points], [y for _, y in points], s=22)
+    else:
+        labels = list(dict.fromkeys(str(x) for x, _ in points))
+        ax.scatter([labels.index(str(x)) for x, _ in points], [y for _, y in points], s=22)
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+        ax.set_xlim(-0.5, len(labels) - 0.5)
+    ax.set_title(f"final {y_label} vs {key}", fontsize=10)
+    ax.set_xlabel(key, fontsize=9)
+    ax.set_ylabel(y_label, fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

@@ -25,6 +25,7 @@ from raycollapse.config.checks import check_run, feature_spaces
 from raycollapse.config.load import read_yaml_mapping
 from raycollapse.errors import UserInputError
 from raycollapse.sweeps.space import SearchSpace, parse_space
+from raycollapse.tracking import check_tracking
 
 SELECT_METRICS = ("entropy", "min_pairwise_distance", "coverage_radius", "seconds")
 # Loop metrics every iteration row has, besides the per-feature-space ones (loop_metric_names).
@@ -193,7 +194,8 @@ def check_sweep(sweep: Sweep, pool_rows: int | None = None) -> list[DictConfig]:
 
     Every value a trial can take (grid and choice values, range bounds, variants) is set into the
     base loop config (type check) and checked like ``raycollapse run`` / ``select`` would check
-    it. ``pool_rows``: the size of the select trials' pool (budgets are checked against it).
+    it; a tracking service the base config asks for must be installed. ``pool_rows``: the size
+    of the select trials' pool (budgets are checked against it).
     Returns those loop configs (the base first).
     """
     c = sweep.cfg
@@ -210,6 +212,7 @@ def check_sweep(sweep: Sweep, pool_rows: int | None = None) -> list[DictConfig]:
         )
     if (c.resources.cpu is not None and c.resources.cpu < 0) or c.resources.gpu < 0:
         raise UserInputError("resources.cpu and resources.gpu must be >= 0.")
+    check_tracking(sweep.base.tracking)
     configs = [sweep.base]
     for key, values in sweep.space.values_to_check().items():
         configs += [with_values(sweep.base, {key: v}, "space") for v in values]

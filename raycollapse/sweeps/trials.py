@@ -68,17 +68,21 @@ def run_loop_trial(
     report: Callable[[dict[str, Any]], None],
     log: Callable[[str], None],
 ) -> None:
-    """Run (or resume) the loop of ``cfg`` one iteration at a time; ``report`` each metrics row.
+    """Run (or resume) the loop of ``cfg``; ``report`` each iteration's metrics row.
 
-    Each iteration is one ``run_loop(cfg, until="t:metrics")``: the run folder holds every
-    finished iteration, so a trial stopped between two reports (by ASHA, or a killed sweep)
-    resumes with ``raycollapse run`` on its config, and a restarted trial skips what is done
-    (its finished iterations are reported again from ``metrics.json``).
+    One ``run_loop(cfg, on_iteration=...)``: each finished iteration is logged to TensorBoard in
+    the trial's run folder (``cfg.tracking.tensorboard``; Ray Tune logs to MLflow / W&B), then
+    reported. The run folder holds every finished iteration, so a trial stopped between two
+    reports (by ASHA, or a killed sweep) resumes with ``raycollapse run`` on its config, and a
+    restarted trial skips what is done (its finished iterations are reported again).
     """
-    from raycollapse.loop.rundir import RunDir
     from raycollapse.loop.runner import run_loop
+    from raycollapse.tracking import make_tracker
 
-    run = RunDir(str(cfg.loop.storage))
-    for t in range(int(cfg.loop.iterations)):
-        run_loop(cfg, until=f"{t}:metrics", log=log)
-        report(next(r for r in run.metrics() if r["iteration"] == t))
+    tracker = make_tracker(cfg, external=False)
+
+    def on_iteration(row: dict[str, Any]) -> None:
+        tracker(row)
+        report(row)
+
+    run_loop(cfg, log=log, on_iteration=on_iteration)

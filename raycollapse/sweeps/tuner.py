@@ -179,6 +179,33 @@ class _Progress(tune.Callback):
         self._say(f"trial {trial.trial_id} failed: {trial.error_file}")
 
 
+def logger_callbacks(sweep: Sweep) -> list[tune.Callback]:
+    """Ray Tune's own logger callbacks for the base config's ``tracking`` section: TensorBoard
+    (``<storage>/tune/<trial>/``, every reported value per iteration), MLflow (one run per
+    trial) and Weights & Biases. Loop trials also write TensorBoard files with their sample
+    grids into their run folders (``raycollapse.tracking``)."""
+    t = sweep.base.tracking
+    out: list[tune.Callback] = []
+    if t.tensorboard:
+        from ray.tune.logger import TBXLoggerCallback
+
+        out.append(TBXLoggerCallback())
+    if t.mlflow:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        out.append(
+            MLflowLoggerCallback(
+                tracking_uri=t.mlflow_tracking_uri, experiment_name=t.mlflow_experiment
+            )
+        )
+    if t.wandb:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        kwargs = {"mode": t.wandb_mode} if t.wandb_mode else {}
+        out.append(WandbLoggerCallback(project=t.wandb_project, **kwargs))
+    return out
+
+
 def _check_resume(root: str, sweep: Sweep) -> None:
     uri = storage.join(root, res.SWEEP_YAML)
     saved = storage.read_text(uri) if storage.exists(uri) else None
@@ -241,13 +268,17 @@ def run_sweep(sweep: Sweep, configs: list[Any], pool: np.ndarray | None) -> dict
                 storage_path=root,
                 name=TUNE_DIR,
                 verbose=0,
-                callbacks=[_Progress(c.objective.metric)],
+                callbacks=[_Progress(c.objective.metric), *logger_callbacks(sweep)],
             ),
         )
     grid = tuner.fit()
     records = [_record(sweep, r) for r in grid]
     records.sort(key=lambda r: r.trial_id)
-    return res.write_results(records, sweep.space.keys(), str(c.objective.mode), root)
+    summary = res.write_results(records, sweep.space.keys(), str(c.objective.mode), root)
+    from raycollapse.report.sweep import build_sweep_report
+
+    summary["report"] = build_sweep_report(root)
+    return summary
 
 
 def _record(sweep: Sweep, result: Any) -> res.TrialRecord:

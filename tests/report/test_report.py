@@ -321,3 +321,129 @@ def test_chromium_loads_every_image(report, tmp_path):
     keep = os.environ.get("RAYCOLLAPSE_REPORT_SCREENSHOT")
     if keep:  # lets a person look at what the browser rendered
         shutil.copy(shot, keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# The entropy-generalization correlation and summary.json
+
+
+def _tables(page: str) -> dict[str, list[list[str]]]:
+    from helpers import _Tables
+
+    parser = _Tables()
+    parser.feed(page)
+    return parser.tables
+
+
+def test_correlation_and_summary_json(report):
+    import statistics
+
+    index, text = report
+    summary = json.loads((index.parent / "summary.json").read_text())
+    assert "NaN" not in (index.parent / "summary.json").read_text()
+    # The rows written by _make_run: alpha (seed 0) 3 iterations, beta (seed 1) 2.
+    data = {
+        "alpha": [(5.0 - i * 0.5, 1.0 / (i + 1)) for i in range(3)],
+        "beta<b>": [(5.0 - i * 0.5 + 0.1, 1.0 / (i + 1)) for i in range(2)],
+    }
+    pooled = [p for pts in data.values() for p in pts]
+    r_all = statistics.correlation([x for x, _ in pooled], [y for _, y in pooled])
+    assert summary["x"] == "entropy_train" and summary["y"] == "generalization_score"
+    assert summary["correlation"]["n"] == 5
+    assert summary["correlation"]["r"] == pytest.approx(r_all, rel=1e-12)
+    shown = {row[0]: row[1:] for row in _tables(text)["correlation-section"][1:]}
+    assert shown["all runs"] == [f"{r_all:.4g}", "5"]
+    for run, name in zip(summary["runs"], data, strict=True):
+        xs, ys = zip(*data[name], strict=True)
+        r = statistics.correlation(xs, ys)
+        assert run["name"] == name and run["correlation"]["n"] == len(xs)
+        assert run["correlation"]["r"] == pytest.approx(r, rel=1e-12)
+        assert shown[name] == [f"{r:.4g}", str(len(xs))]
+        assert run["iterations_finished"] == len(xs) and run["iterations_planned"] == ITERATIONS
+        assert run["last"]["iteration"] == len(xs) - 1 and run["last"]["fid"] is None
+    assert "alt='scatter: entropy_train vs generalization_score'" in text
+
+
+def test_correlation_undefined_is_said(tmp_path):
+    one = _make_run(tmp_path / "runs", "one", 0, finished=1, paradigm="replace")
+    assert main(["report", str(one), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["runs"][0]["correlation"] == {
+        "r": None, "n": 1, "undefined": "fewer than 2 points"
+    }  # fmt: skip
+    page = (tmp_path / "out" / "index.html").read_text()
+    row = _tables(page)["correlation-section"][1]
+    assert row == ["one", "undefined: fewer than 2 points", "1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep report
+
+
+def _make_sweep(root: Path) -> tuple[Path, list[dict]]:
+    """A finished sweep's folder as `raycollapse sweep` leaves it: sweep.yaml, results.parquet."""
+    sweep = root / "sweep"
+    sweep.mkdir(parents=True)
+    cfg = {
+        "sweep": {
+            "kind": "loop",
+            "space": {"select.method": {"grid": ["greedy", "random"]}},
+            "variants": [{"loop.pool_multiple": 1.0}, {"loop.pool_multiple": 5.0}],
+            "objective": {"metric": "generalization_score", "mode": "max", "reduce": "last"},
+        },
+        "base": {},
+    }
+    (sweep / "sweep.yaml").write_text(yaml.safe_dump(cfg))
+    rows = []
+    for j, (method, m) in enumerate(
+        [("greedy", 1.0), ("greedy", 5.0), ("random", 1.0), ("random", 5.0)]
+    ):
+        iterations = 1 if j == 3 else 3  # the last trial stopped early
+        for i in range(iterations):
+            score = 0.2 + 0.05 * j - 0.03 * i
+            rows.append({
+                "trial_id": f"t{j}", "status": "stopped_early" if j == 3 else "finished",
+                "iteration": i, "select.method": method, "loop.pool_multiple": m,
+                "entropy_train": 3.0 + j * 0.2 - i * 0.4 + (0.05 if i == 1 else 0.0),
+                "generalization_score": score, "fid": None, "objective": score,
+            })  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), sweep / "results.parquet")
+    return sweep, rows
+
+
+def test_sweep_report(tmp_path):
+    import statistics
+
+    sweep, rows = _make_sweep(tmp_path)
+    assert main(["report", str(sweep)]) == 0
+    out = sweep / "report"
+    page = (out / "index.html").read_text(encoding="utf-8")
+    tables = _tables(page)
+    trials = tables["trials-section"]
+    assert trials[0] == ["trial", "status", "select.method", "loop.pool_multiple", "iterations",
+                         "final objective"]  # fmt: skip
+    # best: the highest final objective among finished trials (t3 is higher but stopped early)
+    finals = {f"t{j}": 0.2 + 0.05 * j - 0.03 * 2 for j in range(3)}
+    assert [r[0] for r in trials[1:]] == ["t0", "t1", "t2 (best)", "t3"]
+    assert trials[3][1:] == ["finished", "random", "1", "3", f"{finals['t2']:.4g}"]
+    r = statistics.correlation([x["entropy_train"] for x in rows],
+                               [x["generalization_score"] for x in rows])  # fmt: skip
+    corr = {row[0]: row[1:] for row in tables["correlation-section"][1:]}
+    assert corr["all trials"] == [f"{r:.4g}", str(len(rows))]
+    assert corr["t3"] == ["undefined: fewer than 2 points", "1"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["correlation"]["r"] == pytest.approx(r, rel=1e-12)
+    assert summary["best_trial"] == "t2" and summary["trials"][3]["status"] == "stopped_early"
+    parser = _Imgs()
+    parser.feed(page)
+    alts = {img["alt"] for img in parser.imgs}
+    assert alts == {"plot: objective", "plot: objective vs select.method",
+                    "plot: objective vs loop.pool_multiple",
+                    "scatter: entropy_train vs generalization_score"}  # fmt: skip
+    # a sweep is reported alone; runs still need --out
+    assert main(["report", str(sweep), str(sweep)]) == 2
+    run = _make_run(tmp_path, "r", 0, finished=1, paradigm="replace")
+    assert main(["report", str(run)]) == 2
+    chromium = _chromium()
+    loaded, failed = _loaded_images(chromium, page, tmp_path)
+    assert failed == "" and loaded == 4

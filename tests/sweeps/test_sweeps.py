@@ -6,6 +6,7 @@ Every reported metric and every selection is recomputed here by the plain defini
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -116,6 +117,17 @@ def test_bad_space_refused_before_any_trial(tmp_path, capsys, space, expected):
         ({"space": {"knn.k": {"grid": [2]}}, "variants": [{"knn.k": 3}]}, [], "also in space"),
         ({"scheduler": {"grace_period": 9}}, [], "scheduler.grace_period=9"),
         ({"objective": {"mode": "maximum"}}, [], "objective.mode"),
+        *(
+            pytest.param(
+                {},
+                [f"base.tracking.{m}=true"],
+                f"pip install {m}",
+                marks=pytest.mark.skipif(
+                    importlib.util.find_spec(m) is not None, reason=f"{m} is installed"
+                ),
+            )
+            for m in ("mlflow", "wandb")
+        ),
     ],
 )
 def test_bad_sweep_config_refused(tmp_path, capsys, tree, overrides, expected):
@@ -191,6 +203,15 @@ def test_select_sweep_metrics_equal_definitions_and_resume(tmp_path, capsys, ray
     out = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(out[-1])
     assert (summary["trials"], summary["finished"], summary["stopped_early"]) == (3, 3, 0)
+    assert list(summary) == ["trials", "finished", "stopped_early", "errored", "best_trial",
+                             "best_value", "best_config", "results", "best", "report"]  # fmt: skip
+    assert summary["errored"] == 0 and summary["results"] == str(storage / "results.parquet")
+    assert summary["best"] == str(storage / "best.yaml")
+    assert summary["report"] == str(storage / "report" / "index.html")
+    report = json.loads((storage / "report" / "summary.json").read_text())
+    assert report["best_trial"] == summary["best_trial"] and len(report["trials"]) == 3
+    # select trials report no entropy_train / generalization_score: r is undefined, and says so
+    assert report["correlation"] == {"r": None, "n": 0, "undefined": "fewer than 2 points"}
 
     table = pq.read_table(storage / "results.parquet").to_pylist()
     assert len(table) == 3 and {r["iteration"] for r in table} == {0}
@@ -245,3 +266,28 @@ def test_select_smoke_config_checks():
     pool = load_pool(sweep)
     assert pool.shape == (1797, 64)
     assert len(check_sweep(sweep, len(pool))) == 1 + 3 + 2
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parents[2] / "configs" / "sweeps").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_every_example_sweep_loads_and_passes_its_checks(path, monkeypatch):
+    """Each file of configs/sweeps/ loads and passes check_sweep (no trial runs); the example
+    space sizes are those their headers state."""
+    from raycollapse.cli.sweep_cmd import load_pool
+    from raycollapse.sweeps.config import check_sweep, load_sweep
+
+    monkeypatch.chdir(Path(__file__).parents[2])  # base: paths are relative to the repository
+    # No pretrained weights are fetched in tests: random ones for the feature extractors.
+    sweep = load_sweep(path, ["base.features.pretrained=none"])
+    rows = len(load_pool(sweep)) if sweep.cfg.kind == "select" else None
+    configs = check_sweep(sweep, rows)
+    assert configs[0] is sweep.base
+    grid = math.prod(len(d.values) for d in sweep.space.dimensions if d.kind == "grid")
+    trials = grid * max(1, len(sweep.space.variants)) * sweep.cfg.num_samples
+    expected = {"strategies.yaml": 12, "knn_k.yaml": 15, "threshold_schedule.yaml": 20,
+                "cifar10_paradigm_strategy.yaml": 8, "smoke.yaml": 2, "select_smoke.yaml": 6}  # fmt: skip
+    if path.name in expected:
+        assert trials == expected[path.name]

@@ -90,3 +90,49 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def test_two_loop_trials_run_at_once_on_two_cpus(tmp_path, capsys, ray_local):
+    """Two one-iteration loop trials, max_concurrent_trials 2, on the session's 2-CPU Ray: each
+    trial's process reserves no CPU and its stages 1 CPU, so both run at once and end (no
+    deadlock). Each trial's run folder holds TensorBoard files equal to its metrics.json; Tune's
+    TensorBoard logger writes beside the trials; the sweep report is written."""
+    from helpers import read_tensorboard
+
+    storage = tmp_path / "sweep"
+    base = {**TINY, "data": {"source": "digits", "n": 32},
+            "train": {**TINY["train"], "steps": 4, "warmup_steps": 1},
+            "sample": {"steps": 2, "batch_size": 16, "group_size": 8},
+            "loop": {**TINY["loop"], "iterations": 1, "train_size": 8, "pool_multiple": 1}}  # fmt: skip
+    sweep = {
+        "kind": "loop", "base": base, "space": {"seed": {"grid": [0, 1]}},
+        "objective": {"metric": "entropy_train"}, "scheduler": {"name": "none"},
+        "max_concurrent_trials": 2, "storage": str(storage),
+    }  # fmt: skip
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump(sweep))
+    assert main([str(cfg_file)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["trials"], summary["finished"]) == (2, 2)
+    spans = []
+    for trial in sorted((storage / "trials").iterdir()):
+        rows = json.loads((trial / "metrics.json").read_text())
+        assert [r["iteration"] for r in rows] == [0]
+        values, images = read_tensorboard(trial / "tensorboard")
+        numbers = {
+            k: v for k, v in rows[0].items() if k != "iteration" and isinstance(v, int | float)
+        }
+        assert values == {(0, k): [float(v)] for k, v in numbers.items()}
+        assert images == {0: [(trial / "iter_000" / "samples.png").read_bytes()]}
+        assert list((storage / "tune" / trial.name).glob("events.out.tfevents*"))  # Tune's own
+        spans.append(
+            (
+                (trial / "config.yaml").stat().st_mtime,
+                (trial / "iter_000" / "_done" / "metrics").stat().st_mtime,
+            )
+        )
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1, spans  # the two trials ran at the same time
+    report = json.loads((storage / "report" / "summary.json").read_text())
+    assert report["correlation"]["n"] == 2
+    assert [t["correlation"]["undefined"] for t in report["trials"]] == ["fewer than 2 points"] * 2
