@@ -218,6 +218,7 @@ SECTIONS = [
     schema.SelectConfig,
     schema.ResourcesConfig,
     schema.LoopConfig,
+    schema.MetricsConfig,
 ]
 
 

@@ -169,3 +169,51 @@ def test_dry_run_refuses_what_the_run_would(tmp_path):
         with pytest.raises(UserInputError, match=message):
             args.func(args)
     assert not (tmp_path / "r").exists()
+
+
+# Two iterations of three presets (~25 s of Ray overhead per iteration here). Together they run
+# every code path of the nine: replace and accumulate, selection none (per-generation shares),
+# greedy and threshold (tau0 60), m = 1, 2 and 5; the other six only recombine these values
+# (checked below), and all nine pass the dry run above.
+RUN = {
+    "replace_threshold_m2": ["metrics.fid_torchvision_generated=4"],
+    "accumulate_baseline": ["metrics.paper_generalization=false", "metrics.fid_torchvision=false"],
+    "accumulate_greedy_m5": ["metrics.paper_generalization=false", "metrics.fid_torchvision=false"],
+}
+# one embedding job per pool (pixel adds a second one) and 20 real images for fid_torchvision
+RUN_TOY = ["data.n=20", "loop.metric_features=[dinov2]"]
+VARIED = ("loop.paradigm", "select.method", "select.tau0", "select.decay", "loop.pool_multiple",
+          "loop.accumulate_baseline", "loop.storage")  # fmt: skip
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+@pytest.mark.slow
+def test_presets_run_two_iterations_at_toy_size(ray_local, tmp_path):
+    from raycollapse.loop.rundir import RunDir
+    from raycollapse.loop.runner import run_loop
+
+    flat = {n: _flat(to_dict(load_config(PAPER / f"{n}.yaml"))) for n in RUNS}
+    ran = [flat[n] for n in RUN]
+    for name in RUNS:  # every preset differs from a run one in the varied keys only
+        assert any({k for k in flat[name] if flat[name][k] != r[k]} <= set(VARIED) for r in ran)
+    for key in ("loop.paradigm", "select.method", "loop.pool_multiple"):
+        assert {flat[n][key] for n in RUNS} == {r[key] for r in ran}, key
+    for name, extra in RUN.items():
+        store = tmp_path / name
+        cfg = load_config(PAPER / f"{name}.yaml", [*TOY, *RUN_TOY, f"loop.storage={store}", *extra])
+        run_loop(cfg, log=lambda m: None)
+        rows = RunDir(str(store)).metrics()
+        assert [r["iteration"] for r in rows] == [0, 1]
+        assert all(r["entropy_train"] is not None and r["train_size"] == 16 for r in rows)
+        if name == "accumulate_baseline":  # 16 // 2 + 1 = 9 real, the newest origin the other 7
+            assert rows[1]["share_real"] == 9 / 16 and rows[1]["share_gen_0"] == 7 / 16
+        if name == "replace_threshold_m2":
+            assert all(
+                r["fid_torchvision"] > 0 and r["generalization_score_paper"] > 0 for r in rows
+            )
