@@ -35,6 +35,7 @@ def test_paper_generalization_score_is_the_mean_min_mse():
         paper_generalization_score(gen, train[:, :4])
 
 
+@pytest.mark.slow  # DINOv2 and two Inception-v3 builds, 2048-d Fréchet distances: ~20 s
 def test_paper_metrics_row():
     cfg = load_config(None, [
         "seed=3", "features.name=dinov2", "features.pretrained=none", "features.dinov2_preprocess=hf",
