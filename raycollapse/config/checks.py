@@ -57,6 +57,7 @@ def check_train_command(cfg: Config) -> None:
     check_sample_labels(cfg)
     if cfg.train.sample_grid > 0:
         check_sample(cfg.sample, num_train_timesteps=cfg.diffusion.num_train_timesteps)
+    check_paper_train(cfg.train)
 
 
 def check_generate_command(cfg: Config) -> None:
@@ -83,6 +84,8 @@ def check_run(cfg: Config) -> None:
     check_select(cfg.select, budget_required=False)
     check_resources(cfg.resources)
     check_loop(cfg)
+    check_paper_train(cfg.train)
+    check_metrics(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +208,7 @@ def check_features(features: FeaturesConfig, names: tuple[str, ...] | None = Non
     """
     if features.batch_size < 1:
         raise UserInputError(f"features.batch_size must be >= 1, got {features.batch_size}.")
+    check_dinov2_preprocess(features)
     for name in (features.name,) if names is None else names:
         check_weights_available(
             name,
@@ -322,3 +326,49 @@ def check_loop(cfg: Config) -> None:
     if cfg.knn.k >= loop.train_size:
         raise UserInputError(f"knn.k={cfg.knn.k} must be < loop.train_size={loop.train_size}.")
     check_features(cfg.features, names=tuple(feature_spaces(cfg)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's settings (docs/reproduction.md)
+
+
+def check_paper_train(train: TrainConfig) -> None:
+    """AdamW's betas."""
+    for key in ("adam_beta1", "adam_beta2"):
+        value = getattr(train, key)
+        if not 0.0 <= value < 1.0:
+            raise UserInputError(
+                f"train.{key} must be in [0, 1), got {value} (the paper: 0.95, 0.999)."
+            )
+
+
+def check_dinov2_preprocess(features: FeaturesConfig) -> None:
+    """The Hugging Face processor crops to 224 pixels: the ViT input must be that size."""
+    if features.dinov2_preprocess == "hf" and features.dinov2_image_size != 224:
+        raise UserInputError(
+            "features.dinov2_preprocess=hf crops to 224 x 224 (resize 256, centre crop 224) but "
+            f"features.dinov2_image_size={features.dinov2_image_size}; set it to 224 or use "
+            "dinov2_preprocess=timm."
+        )
+
+
+def check_metrics(cfg: Config) -> None:
+    """Sizes of the paper's metric variants, and the weights they load (offline)."""
+    m = cfg.metrics
+    for key, low in (
+        ("paper_generalization_generated", 1),
+        ("paper_generalization_train", 1),
+        ("fid_torchvision_generated", 2),
+        ("batch_size", 1),
+    ):
+        if getattr(m, key) < low:
+            raise UserInputError(f"metrics.{key} must be >= {low}, got {getattr(m, key)}.")
+    if m.use_gpu and (m.paper_generalization or m.fid_torchvision):
+        from raycollapse.diffusion.train_parts import resolve_device
+
+        resolve_device(True, "metrics.use_gpu")
+    from raycollapse.metrics.paper import paper_settings, resolve_paper_weights
+
+    settings = paper_settings(cfg)
+    if settings is not None:
+        resolve_paper_weights(settings)

@@ -127,6 +127,13 @@ class TrainConfig:
     """Torch threads per CPU worker (>= 1); null = torch's default (all cores)."""
     max_failures: int = 2
     """Worker-group restarts Ray Train may make from the latest checkpoint."""
+    adam_beta1: float = 0.9
+    """AdamW beta1, in [0, 1) (the paper's code: 0.95)."""
+    adam_beta2: float = 0.999
+    """AdamW beta2, in [0, 1) (the paper's code: 0.999)."""
+    sample_from: Literal["ema", "raw"] = "ema"
+    """The weights saved and sampled: ema (the moving average, train.ema_decay) or raw (the last
+    step's; the paper's code, which keeps no EMA unless run with --use_ema)."""
 
 
 @dataclass
@@ -180,6 +187,10 @@ class FeaturesConfig:
     """L2-normalise every embedding (e.g. cosine geometry for CLIP)."""
     amp: bool = False
     """Autocast float16 on CUDA: faster, embeddings differ slightly from fp32."""
+    dinov2_preprocess: Literal["timm", "hf"] = "timm"
+    """DINOv2 input: timm (bicubic resize to dinov2_image_size) or hf (Hugging Face's
+    facebook/dinov2-small processor, the paper's code: PIL bicubic resize of the shorter side to
+    256, centre crop 224, ImageNet mean/std; needs dinov2_image_size=224)."""
 
 
 @dataclass
@@ -251,6 +262,9 @@ class LoopConfig:
     """Feature spaces the metrics are computed in (at least one); the first also finds memorized pairs."""
     storage: str = "runs/run"
     """The run folder: a local path or a pyarrow filesystem URI (docs/design.md, "Run directory")."""
+    accumulate_baseline: Literal["uniform", "per_generation"] = "uniform"
+    """select.method=none: uniform (a seeded random subset of all candidates) or per_generation
+    (the paper's code: floor(B / G) + 1 from each of the G origins, oldest first, cut to B)."""
 
 
 @dataclass
@@ -281,6 +295,8 @@ class Config:
     """The self-consuming loop."""
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig())
     """Experiment tracking (TensorBoard by default; MLflow, Weights & Biases)."""
+    metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig())
+    """Optional metric variants of the loop (the paper's own computations)."""
 
 
 @dataclass
@@ -302,3 +318,28 @@ class TrackingConfig:
     """Weights & Biases project name."""
     wandb_mode: Literal["online", "offline"] | None = None
     """Weights & Biases mode: online, offline (sync later with `wandb sync`); null: its default."""
+
+
+@dataclass
+class MetricsConfig:
+    """The paper's metric variants, computed by the loop beside its own (docs/reproduction.md)."""
+
+    paper_generalization: bool = False
+    """Add generalization_score_paper: mean over generated images of the minimum mean squared
+    difference to a random subset of the training set, on all DINOv2 tokens (the paper's code)."""
+    paper_generalization_generated: int = 1000
+    """Generated images of generalization_score_paper (>= 1; the paper's code: 1,000)."""
+    paper_generalization_train: int = 1280
+    """Training images of generalization_score_paper (>= 1; the paper's code: 5 batches of 256)."""
+    fid_torchvision: bool = False
+    """Add fid_torchvision: FID with torchvision's ImageNet Inception-v3 (resize 299, inputs in
+    [-1, 1]) of the first generated images against all real images (the paper's FID.py)."""
+    fid_torchvision_generated: int = 32768
+    """Generated images of fid_torchvision (>= 2): the first ones of the pool (the paper's: 32,768)."""
+    torchvision_inception: str | None = None
+    """Weights of fid_torchvision: a local file, "none" (random, tests only) or null = torchvision's
+    IMAGENET1K_V1 file found in torch hub's cache."""
+    batch_size: int = 256
+    """Images per forward pass of these metrics (>= 1); does not change the values."""
+    use_gpu: bool = False
+    """Compute these metrics on CUDA (on the driver); an error where there is none."""

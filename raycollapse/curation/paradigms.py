@@ -13,7 +13,9 @@ docs/design.md, "Paradigms" (Shi et al., NeurIPS 2025, Sec. 5):
 Everything here works on *row references* ``(source, id)`` so that it is pure and testable; the
 loop turns references into images. Selection ``none`` takes a seeded random subset (the whole set
 when it has exactly the needed size) — with a pool of exactly B, that is the whole pool, as in the
-paper's no-filtering baseline.
+paper's no-filtering baseline. ``loop.accumulate_baseline=per_generation`` instead takes equal
+shares from each origin, as the paper's code builds its accumulate baseline
+(:func:`per_generation_indices`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from raycollapse.config.schema import PARADIGMS
+from raycollapse.curation.greedy import random_select
 from raycollapse.errors import UserInputError
 from raycollapse.seeds import derive_rng
+
+_PER_GENERATION = 0xACC  # seed purpose of the per-generation shares (docs/design.md, "Seeding")
 
 
 @dataclass(frozen=True)
@@ -99,3 +104,48 @@ def lineage(origins: list[str]) -> dict[str, float]:
     values, counts = np.unique(np.asarray(origins), return_counts=True)
     total = float(len(origins))
     return {f"share_{v}": c / total for v, c in zip(values.tolist(), counts.tolist(), strict=True)}
+
+
+def per_generation_indices(origins: list[str], n: int, seed: int) -> np.ndarray:
+    """``n`` positions of ``origins`` (one origin per candidate) in equal shares per origin.
+
+    The paper's code (``train_unconditional.py``, syn_type ``accumulated``): with G origins in
+    order of first appearance (real, gen_0, gen_1, ...), each contributes the first
+    ``n // G + 1`` of a seeded permutation of its rows, oldest first, and the concatenation is
+    cut to ``n``, so the newest origin gets what is left. An origin with fewer rows gives all it has.
+    """
+    arr = np.asarray(origins)
+    names = list(dict.fromkeys(origins))
+    if n < 0 or n > len(arr):
+        raise UserInputError(f"cannot take {n} of {len(arr)} candidates.")
+    if not names:
+        return np.zeros(0, dtype=np.int64)
+    share = n // len(names) + 1
+    rng = derive_rng(seed, _PER_GENERATION)
+    parts = []
+    for name in names:
+        rows = np.flatnonzero(arr == name)
+        parts.append(rows[rng.permutation(len(rows))[:share]])
+    out = np.concatenate(parts)[:n].astype(np.int64)
+    if len(out) < n:  # only when some origin held fewer than its share: fill uniformly
+        rest = np.setdiff1d(np.arange(len(arr)), out)
+        out = np.concatenate([out, rng.choice(rest, size=n - len(out), replace=False)])
+    return out
+
+
+def baseline_indices(
+    candidates: list[tuple[str, int]], n: int, *, seed: int, method: str, shares: str
+) -> np.ndarray:
+    """The rows a ``random`` / ``none`` selection takes (the loop's baseline).
+
+    ``shares`` (loop.accumulate_baseline): ``uniform``, a seeded random subset of all candidates
+    (``random_select``, what the loop always did), or ``per_generation`` for ``method=none``
+    (:func:`per_generation_indices`); ``random`` stays uniform.
+    """
+    if shares == "per_generation" and method == "none":
+        return per_generation_indices([o for o, _ in candidates], n, seed)
+    if shares not in ("uniform", "per_generation"):
+        raise UserInputError(
+            f"loop.accumulate_baseline must be uniform or per_generation, got {shares!r}."
+        )
+    return random_select(len(candidates), n, seed=seed)

@@ -46,13 +46,22 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | 
 
 
 def make_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float = 0.0
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.AdamW:
-    """AdamW over all trainable parameters."""
+    """AdamW over all trainable parameters (``betas``: train.adam_beta1, train.adam_beta2)."""
     if lr <= 0:
         raise UserInputError(f"train.lr must be > 0, got {lr}.")
+    for key, beta in zip(("adam_beta1", "adam_beta2"), betas, strict=True):
+        if not 0.0 <= beta < 1.0:
+            raise UserInputError(f"train.{key} must be in [0, 1), got {beta}.")
     return torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=(float(betas[0]), float(betas[1])),
     )
 
 
@@ -80,14 +89,22 @@ class EMA:
 
     The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so a short run is
     not dominated by the random initial weights. Works on a DDP-wrapped model (uses ``.module``).
+
+    ``enabled=False`` (train.sample_from=raw, the paper's code): no average is kept, ``update``
+    does nothing and ``copy_to`` leaves the model's own (last-step) weights in place.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float = 0.999) -> None:
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999, enabled: bool = True) -> None:
         if not 0.0 <= decay < 1.0:
             raise UserInputError(f"train.ema_decay must be in [0, 1), got {decay}.")
         self.decay = decay
+        self.enabled = enabled
         self.num_updates = 0
-        self.shadow = [p.detach().clone().float() for p in unwrap_model(model).parameters()]
+        self.shadow = (
+            [p.detach().clone().float() for p in unwrap_model(model).parameters()]
+            if enabled
+            else []
+        )
 
     def current_decay(self) -> float:
         n = self.num_updates
@@ -95,6 +112,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        if not self.enabled:
+            return
         d = self.current_decay()
         params = [p.detach().float() for p in unwrap_model(model).parameters()]
         torch._foreach_lerp_(self.shadow, params, 1.0 - d)
@@ -102,7 +121,9 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
-        """Write the averaged weights into ``model`` (for sampling or saving)."""
+        """Write the averaged weights into ``model`` (for sampling or saving); disabled: nothing."""
+        if not self.enabled:
+            return
         for s, p in zip(self.shadow, unwrap_model(model).parameters(), strict=True):
             p.copy_(s.to(p.dtype))
 
@@ -110,6 +131,11 @@ class EMA:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": list(self.shadow)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.enabled != bool(state["shadow"]):
+            raise UserInputError(
+                "the training state was saved with another train.sample_from (ema vs raw); resume "
+                "with the setting it was started with, or start over."
+            )
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
         self.shadow = [t.clone().float() for t in state["shadow"]]

@@ -188,6 +188,9 @@ def train_loop(
     checkpoint_every: int = 0,
     all_reduce_loss: Callable[[float], float] | None = None,
     callbacks: Sequence[StepCallback] = (),
+    adam_beta1: float = 0.9,
+    adam_beta2: float = 0.999,
+    sample_from: str = "ema",
 ) -> tuple[EMA, TrainResult]:
     """Train ``model`` in place on in-memory uint8 ``images`` (``N x H x W x C``); returns the EMA.
 
@@ -201,7 +204,11 @@ def train_loop(
     last step (``final=True``, not when ``resume`` was already complete). Each of ``callbacks``
     is called with the state after every step. A non-finite loss raises ``TrainingDiverged``.
     Copy the EMA weights into a model with ``ema.copy_to(model)`` before saving or sampling.
+    ``adam_beta1`` / ``adam_beta2``: AdamW's betas; ``sample_from``: ``ema`` or ``raw`` (the EMA
+    is then disabled and ``copy_to`` keeps the trained weights; train.sample_from).
     """
+    if sample_from not in ("ema", "raw"):
+        raise UserInputError(f"train.sample_from must be ema or raw, got {sample_from!r}.")
     if steps < 1 or batch_size < 1:
         raise UserInputError(
             f"train.steps and train.batch_size must be >= 1, got {steps} and {batch_size}."
@@ -214,9 +221,9 @@ def train_loop(
     label_t = (
         torch.as_tensor(labels, dtype=torch.long, device=device) if class_conditional else None
     )
-    optimizer = make_optimizer(model, lr, weight_decay)
+    optimizer = make_optimizer(model, lr, weight_decay, (adam_beta1, adam_beta2))
     state = TrainState(
-        model=model, ema=EMA(model, ema_decay), optimizer=optimizer,
+        model=model, ema=EMA(model, ema_decay, enabled=sample_from == "ema"), optimizer=optimizer,
         schedule=make_lr_schedule(optimizer, warmup_steps, steps),
         scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
         generator=torch.Generator(device=device).manual_seed(seed), stream=IndexStream(len(images), seed),

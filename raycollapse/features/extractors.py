@@ -48,8 +48,12 @@ def build_extractor(
     dinov2_image_size: int = 224,
     normalize: bool = False,
     amp: bool = False,
+    dinov2_preprocess: str = "timm",
 ) -> Extractor:
-    """Build the extractor ``name`` with weights ``pretrained`` (tag, file, ``"none"``; None = default)."""
+    """Build the extractor ``name`` with weights ``pretrained`` (tag, file, ``"none"``; None = default).
+
+    ``dinov2_preprocess``: timm or hf (features.dinov2_preprocess, :mod:`~raycollapse.features.dinov2`).
+    """
     if dtype not in ("float32", "float16"):
         raise UserInputError(f"features dtype '{dtype}' is not supported; use float32 or float16.")
     w = check_weights_available(name, pretrained, clip_model=clip_model, dinov2_model=dinov2_model)
@@ -59,7 +63,9 @@ def build_extractor(
     if name == "clip":
         return clip_extractor(w, amp=amp, **common)
     if name == "dinov2":
-        return dinov2_extractor(w, image_size=dinov2_image_size, amp=amp, **common)
+        return dinov2_extractor(
+            w, image_size=dinov2_image_size, amp=amp, preprocess=dinov2_preprocess, **common
+        )
     return inception_extractor(w, amp=amp, **common)
 
 
@@ -76,4 +82,5 @@ def extractor_from_config(features: object, *, device: str = "cpu") -> Extractor
         dinov2_image_size=int(get("dinov2_image_size", 224)),
         normalize=bool(get("normalize", False)),
         amp=bool(get("amp", False)),
+        dinov2_preprocess=str(get("dinov2_preprocess", "timm")),
     )

@@ -218,6 +218,8 @@ SECTIONS = [
     schema.SelectConfig,
     schema.ResourcesConfig,
     schema.LoopConfig,
+    schema.MetricsConfig,
+    schema.TrackingConfig,
 ]
 
 

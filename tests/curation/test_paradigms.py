@@ -68,3 +68,53 @@ def test_lineage_shares():
         "share_gen_1": 0.25,
         "share_real": 0.25,
     }
+
+
+def _authors_accumulated(origins, n, seed):
+    """The paper's syn_type "accumulated", written out: n // G + 1 from a permutation of each
+    origin (oldest first), concatenated, cut to n (with this project's seeded permutations)."""
+    from raycollapse.seeds import derive_rng
+
+    names = []
+    for o in origins:
+        if o not in names:
+            names.append(o)
+    per = n // len(names) + 1
+    rng = derive_rng(seed, 0xACC)
+    out = []
+    for name in names:
+        rows = [i for i, o in enumerate(origins) if o == name]
+        perm = rng.permutation(len(rows))
+        for j in range(per):
+            if j < len(rows):
+                out.append(rows[perm[j]])
+    return out[:n]
+
+
+def test_per_generation_shares_follow_the_papers_accumulated_baseline():
+    from raycollapse.curation.paradigms import baseline_indices, per_generation_indices
+
+    origins = ["real"] * 10 + ["gen_0"] * 20 + ["gen_1"] * 20
+    for n, seed in ((10, 0), (9, 3), (30, 1)):
+        got = per_generation_indices(origins, n, seed)
+        assert got.tolist() == _authors_accumulated(origins, n, seed)
+        assert len(set(got.tolist())) == n
+    # 10 of 3 origins: 4 + 4 + 2 (the newest fills the rest)
+    shares = lineage([origins[i] for i in per_generation_indices(origins, 10, 0)])
+    assert shares == {"share_real": 0.4, "share_gen_0": 0.4, "share_gen_1": 0.2}
+    cands = [(o, i) for i, o in enumerate(origins)]
+    uniform = baseline_indices(cands, 10, seed=5, method="none", shares="uniform")
+    assert uniform.tolist() == np.random.default_rng(5).choice(50, 10, replace=False).tolist()
+    # random selection stays uniform whatever the baseline setting
+    assert (
+        baseline_indices(cands, 10, seed=5, method="random", shares="per_generation").tolist()
+        == uniform.tolist()
+    )
+    assert (
+        baseline_indices(cands, 10, seed=5, method="none", shares="per_generation").tolist()
+        == per_generation_indices(origins, 10, 5).tolist()
+    )
+    # an origin smaller than its share: the rest is filled from the others, still distinct
+    small = ["real"] * 2 + ["gen_0"] * 20
+    got = per_generation_indices(small, 12, 0)
+    assert len(set(got.tolist())) == 12 and {0, 1} <= set(got.tolist())
