@@ -127,6 +127,11 @@ class TrainConfig:
     """Torch threads per CPU worker (>= 1); null = torch's default (all cores)."""
     max_failures: int = 2
     """Worker-group restarts Ray Train may make from the latest checkpoint."""
+    in_memory_gb: float = 8.0
+    """A worker holds its shard in memory (seeded batch indices) while its decoded images take at
+    most this many GB (uint8 + float32: 5 bytes a value); above, it streams it (stream_buffer)."""
+    stream_buffer: int = 4096
+    """Images in each streaming worker's seeded shuffle buffer (>= 1; with train.in_memory_gb)."""
 
 
 @dataclass
