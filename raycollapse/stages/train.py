@@ -223,7 +223,8 @@ def train_distributed(
     in every worker after each step (picklable; they receive the ``TrainState``).
 
     Returns steps, start_step (where this run resumed), loss_first, loss_last, images_per_second
-    (training loop only), train_seconds, seconds (wall, driver), workers, batch_size, checkpoint.
+    (training loop only), train_seconds, seconds (wall, driver), workers, batch_size, checkpoint,
+    and streamed=True when the workers streamed their shards (``train.in_memory_gb``).
     """
     from raycollapse.config import to_dict, to_yaml
     from raycollapse.diffusion.checkpoint import load_finetune_base, model_meta
@@ -315,6 +316,8 @@ def train_distributed(
         raise UserInputError(out["error"])
     with result.checkpoint.as_directory() as d:
         install_dir(Path(d) / MODEL_DIR, Path(out_checkpoint))
+    if stream:  # only then: the in-memory path's output is unchanged
+        out["streamed"] = True
     out.update(
         checkpoint=str(out_checkpoint),
         seconds=time.perf_counter() - t0,
