@@ -169,7 +169,8 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
         loop, data = train_loop, {"images": images, "labels": labels if cond else None}
     try:
         _, res = loop(
-            model, **data, noise_scheduler=scheduler, steps=steps, batch_size=per_worker, lr=tc["lr"], weight_decay=tc["weight_decay"],
+            model, **data, noise_scheduler=scheduler, steps=steps, batch_size=per_worker,
+            lr=tc["lr"], weight_decay=tc["weight_decay"],
             warmup_steps=tc["warmup_steps"], ema_decay=tc["ema_decay"], grad_clip=tc["grad_clip"],
             mixed_precision=tc["mixed_precision"], seed=rank_seed(tc["seed"], rank),
             class_conditional=cond, num_classes=mc["num_classes"], label_dropout=mc["label_dropout"],
