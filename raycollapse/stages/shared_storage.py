@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raycollapse.errors import UserInputError
 from raycollapse.io import storage
+from raycollapse.stages.runtime import ensure_ray
 
 PROBE_PREFIX = ".shared-storage-probe-"
 
@@ -41,15 +42,19 @@ def _sees(path: str, token: str) -> bool:
 
 
 def check_shared_storage(uri: str, key: str = "loop.storage") -> None:
-    """Refuse a local ``uri`` that some alive node of the connected cluster does not share.
+    """Refuse a local ``uri`` that some alive node of the Ray cluster does not share (connects
+    with ``ensure_ray`` when needed).
 
     One node, or an object-store URI: nothing to check. Otherwise a probe file is written under
     ``uri`` (created if missing) and removed again; ``UserInputError`` names the nodes that did
     not see it and how to fix ``key``.
     """
     local = _local_path(str(uri))
+    if local is None:
+        return
+    ensure_ray()
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    if local is None or len(nodes) < 2:
+    if len(nodes) < 2:
         return
     token = secrets.token_hex(16)
     probe = str(Path(local) / f"{PROBE_PREFIX}{token[:8]}")

@@ -88,6 +88,11 @@ class LocalRay:
 
     def add_node(self, cpus: int, private_dir: Path | None = None) -> None:
         cmd = [RAY, "start", f"--address=127.0.0.1:{self.gcs}", *self._node_args(cpus)]
+        # its own temp dir, as on another machine: nodes sharing one would unpack the job's
+        # working directory into the same folder at once
+        node_temp = Path(self.temp) / f"n{len(self.procs)}"
+        node_temp.mkdir()
+        cmd = [c if not c.startswith("--temp-dir=") else f"--temp-dir={node_temp}" for c in cmd]
         if private_dir is not None:  # its own, empty folder at that path: node-local storage
             cmd = ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {private_dir} && exec \"$@\"", "sh", *cmd]  # fmt: skip
         self._start(cmd)
@@ -192,7 +197,7 @@ def test_node_local_storage_is_refused(cluster, tmp_path_factory):
     local.mkdir()
     cluster.add_node(cpus=1, private_dir=local)
     check = ("from raycollapse.stages.shared_storage import check_shared_storage as c; "
-             f"c('{local}/run'); print('SHARED')")  # fmt: skip
+             f"c('{local}/run'); print('SH' + 'ARED')")  # fmt: skip
     res = cluster.submit("python", "-c", check)
     out = res.stdout + res.stderr
     assert res.returncode == 1 and "SHARED" not in out
