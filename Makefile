@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quickstart test test-fast lint format bench clean
+.PHONY: install quickstart test test-fast lint format bench image clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
+
+# The cluster image (Dockerfile; see notes on running on a cluster).
+image:
+	docker build -t raycollapse:0.1.0 .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -134,6 +134,11 @@ class TrainConfig:
     sample_from: Literal["ema", "raw"] = "ema"
     """The weights saved and sampled: ema (the moving average, train.ema_decay) or raw (the last
     step's; the paper's code, which keeps no EMA unless run with --use_ema)."""
+    in_memory_gb: float = 8.0
+    """A worker holds its shard in memory (seeded batch indices) while its decoded images take at
+    most this many GB (uint8 + float32: 5 bytes a value); above, it streams it (stream_buffer)."""
+    stream_buffer: int = 4096
+    """Images in each streaming worker's seeded shuffle buffer (>= 1; with train.in_memory_gb)."""
 
 
 @dataclass

@@ -1,11 +1,15 @@
 """Training stage: the DDPM trained with Ray Train (``TorchTrainer``, DDP), resumable.
 
-- The training set becomes a Ray Data dataset on the driver (Parquet shards ``{id, image (PNG),
-  label, ...}`` or in-memory ``Records``), materialised there while the CPUs are still free: the
-  workers take every CPU of a small cluster, and a dataset that still had read tasks to run
-  would then wait for a CPU forever. Each worker reads its shard with
-  ``ray.train.get_dataset_shard("train")`` once into memory (the sets are small) and samples
-  batches of ``batch_size // workers`` with the core ``IndexStream`` seeded by (seed, rank).
+- The training set becomes a Ray Data dataset on the driver (``ray.data.read_parquet`` of the
+  Parquet shards ``{id, image (PNG), label, ...}``, or in-memory ``Records``), materialised there
+  while the CPUs are still free: the workers take every CPU of a small cluster, and a dataset
+  that still had read tasks to run would then wait for a CPU forever. Ray Train splits it over
+  the workers (``ray.train.get_dataset_shard("train")``, its ``streaming_split``).
+- A worker whose shard fits (decoded, at most ``train.in_memory_gb``) reads it once into memory
+  and samples batches of ``batch_size // workers`` with the core ``IndexStream`` seeded by
+  (seed, rank): the in-process loop's result. A larger shard streams (``train_data.ShardStream``
+  and ``train_stream.stream_train_loop``): epochs in the order-preserving block order through a
+  seeded shuffle buffer of ``train.stream_buffer`` images; checkpoints hold the stream position.
 - DDP through ``ray.train.torch.prepare_model``; the loop is the core ``train_loop`` (the one
   ``raycollapse train`` runs in-process) with the rank's seed, its share of the batch and the
   loss averaged over the ranks. With one worker it gives the in-process result bit for bit when
@@ -44,7 +48,13 @@ from raycollapse.io.atomic import install_dir
 from raycollapse.stages.base import Resources, check_resources
 from raycollapse.stages.errors import raise_if_user_error
 from raycollapse.stages.runtime import ensure_ray
-from raycollapse.stages.train_data import rank_seed, read_shard, training_dataset
+from raycollapse.stages.train_data import (
+    ShardStream,
+    rank_seed,
+    read_shard,
+    shard_bytes,
+    training_dataset,
+)
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -83,6 +93,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     from raycollapse.diffusion.train_parts import unwrap_model
     from raycollapse.diffusion.trainer import RANK_KEYS, TrainingDiverged, TrainState, train_loop
     from raycollapse.diffusion.unet import build_unet
+    from raycollapse.stages.train_stream import STREAM_RANK_KEYS, StreamState, stream_train_loop
 
     cfg = config["cfg"]
     tc, mc, dc, diff = cfg["train"], cfg["model"], cfg["data"], cfg["diffusion"]
@@ -91,7 +102,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     if tc.get("cpu_threads"):
         torch.set_num_threads(int(tc["cpu_threads"]))
     device = get_device() if tc["use_gpu"] else torch.device("cpu")
-    _, images, labels = read_shard(ray.train.get_dataset_shard("train"), dc)
+    shard = ray.train.get_dataset_shard("train")
     if config["init_from"]:
         ckpt = load_finetune_base(config["init_from"], expect=config["meta"],
                                   num_train_timesteps=diff["num_train_timesteps"])  # fmt: skip
@@ -115,12 +126,13 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
         dist.all_reduce(t)
         return float(t.item()) / world
 
-    def report(state: TrainState, final: bool) -> None:
+    def report(state: TrainState | StreamState, final: bool) -> None:
         full = state.state_dict()
+        rank_keys = STREAM_RANK_KEYS if isinstance(state, StreamState) else RANK_KEYS
         with tempfile.TemporaryDirectory() as d:
-            save_training_state(Path(d) / _rank_file(rank), {k: full[k] for k in RANK_KEYS})
+            save_training_state(Path(d) / _rank_file(rank), {k: full[k] for k in rank_keys})
             if rank == 0:
-                shared = {k: v for k, v in full.items() if k not in RANK_KEYS}
+                shared = {k: v for k, v in full.items() if k not in rank_keys}
                 save_training_state(Path(d) / STATE_FILE, shared)
                 if final:
                     state.ema.copy_to(
@@ -149,10 +161,16 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     cond = bool(mc["class_conditional"])
     steps, per_worker = int(tc["steps"]), int(tc["batch_size"]) // world
+    if config["stream"]:
+        stream = ShardStream(shard, dc, rank_seed(tc["seed"], rank), int(tc["stream_buffer"]))
+        loop, data = stream_train_loop, {"stream": stream}
+    else:
+        _, images, labels = read_shard(shard, dc)
+        loop, data = train_loop, {"images": images, "labels": labels if cond else None}
     try:
-        _, res = train_loop(
-            model, images, labels if cond else None, noise_scheduler=scheduler, steps=steps,
-            batch_size=per_worker, lr=tc["lr"], weight_decay=tc["weight_decay"],
+        _, res = loop(
+            model, **data, noise_scheduler=scheduler, steps=steps, batch_size=per_worker,
+            lr=tc["lr"], weight_decay=tc["weight_decay"],
             warmup_steps=tc["warmup_steps"], ema_decay=tc["ema_decay"], grad_clip=tc["grad_clip"],
             mixed_precision=tc["mixed_precision"], seed=rank_seed(tc["seed"], rank),
             class_conditional=cond, num_classes=mc["num_classes"], label_dropout=mc["label_dropout"],
@@ -171,6 +189,20 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # The driver
+
+
+def _streams(c: dict[str, Any], n: int) -> bool:
+    """Whether each worker streams its shard: its decoded images exceed ``train.in_memory_gb``."""
+    tc, dc = c["train"], c["data"]
+    stream = shard_bytes(n, int(tc["workers"]), dc) > float(tc["in_memory_gb"]) * 1e9
+    if stream and int(tc["workers"]) > 1 and dc["on_small"] == "skip":
+        # Workers must change epochs at the same step (each epoch start is a barrier of the
+        # split): skipped images would give them unequal epochs.
+        raise UserInputError(
+            "a streamed training set (larger than train.in_memory_gb per worker) with several "
+            "workers needs data.on_small=error or resize; prepare the images first, or use one worker."
+        )
+    return stream
 
 
 def train_distributed(
@@ -192,7 +224,8 @@ def train_distributed(
     in every worker after each step (picklable; they receive the ``TrainState``).
 
     Returns steps, start_step (where this run resumed), loss_first, loss_last, images_per_second
-    (training loop only), train_seconds, seconds (wall, driver), workers, batch_size, checkpoint.
+    (training loop only), train_seconds, seconds (wall, driver), workers, batch_size, checkpoint,
+    and streamed=True when the workers streamed their shards (``train.in_memory_gb``).
     """
     from raycollapse.config import to_dict, to_yaml
     from raycollapse.diffusion.checkpoint import load_finetune_base, model_meta
@@ -228,9 +261,12 @@ def train_distributed(
         )
     check_labels(labels if mc["class_conditional"] else None, class_conditional=mc["class_conditional"],
                  num_classes=mc["num_classes"])  # fmt: skip
+    stream = _streams(c, len(labels))
     root = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).absolute())
     identity = {"steps": tc["steps"], "batch_size": tc["batch_size"], "workers": workers, "seed": tc["seed"],
                 "n": len(labels), "preset": mc["preset"], "init": init}  # fmt: skip
+    if stream:  # a checkpoint's per-rank state differs between the two paths
+        identity["stream_buffer"] = tc["stream_buffer"]
     run_file = storage.join(root, run_name, RUN_FILE)
     if storage.exists(run_file):
         found = json.loads(storage.read_text(run_file))
@@ -241,12 +277,14 @@ def train_distributed(
             )
     else:
         storage.write_text_atomic(run_file, json.dumps(identity))
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     config = {
         "cfg": c, "meta": meta, "init_from": init, "yaml": to_yaml(cfg),
         "data_info": {"source": source, "n": len(labels)}, "callbacks": list(callbacks),
+        "stream": stream,
     }  # fmt: skip
     trainer = TorchTrainer(
         _train_worker,
@@ -263,6 +301,11 @@ def train_distributed(
             ),  # bounded storage; the latest resumes
         ),  # fmt: skip
         datasets={"train": ds},
+        # A stream's epochs must see the blocks in one order (seeded, resumable); the in-memory
+        # path sorts its shard by id and keeps Ray Data's defaults.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True))
+        if stream
+        else None,
     )
     try:
         result = trainer.fit()
@@ -274,6 +317,8 @@ def train_distributed(
         raise UserInputError(out["error"])
     with result.checkpoint.as_directory() as d:
         install_dir(Path(d) / MODEL_DIR, Path(out_checkpoint))
+    if stream:  # only then: the in-memory path's output is unchanged
+        out["streamed"] = True
     out.update(
         checkpoint=str(out_checkpoint),
         seconds=time.perf_counter() - t0,

@@ -28,8 +28,15 @@ from raycollapse.diffusion.sampling import diffusion_loss, images_to_tensor, mak
 from raycollapse.diffusion.trainer import train_loop
 from raycollapse.diffusion.unet import build_unet
 from raycollapse.errors import UserInputError
+from raycollapse.seeds import derive_rng
 from raycollapse.stages.train import RUN_FILE, STATE_FILE, train_distributed
-from raycollapse.stages.train_data import batch_to_arrays, rank_seed, read_shard
+from raycollapse.stages.train_data import (
+    ShardStream,
+    batch_to_arrays,
+    rank_seed,
+    read_shard,
+    training_dataset,
+)
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores oversubscribe: up to 40x slower
 
@@ -294,3 +301,129 @@ def test_bad_inputs(tmp_path, ray_local, digits):
     with pytest.raises(UserInputError, match="belongs to another training"):
         train_distributed(_cfg(), digits, tmp_path / "o", **kw)
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data input and streaming
+
+
+def test_training_dataset_reads_parquet_through_ray_data(tmp_path, ray_local, digits):
+    """Shards with and without labels, by URI, are read whole (values, nulls as -1); a shard
+    without an image column is refused before any read."""
+    table = digits.to_arrow_table()
+    (tmp_path / "pool").mkdir()
+    pq.write_table(table.slice(0, 40), tmp_path / "pool" / "part-00000.parquet")
+    pq.write_table(
+        table.slice(40).drop_columns(["label"]), tmp_path / "pool" / "part-00001.parquet"
+    )
+    expect = np.where(np.arange(len(digits)) < 40, digits.labels, -1)
+    ds, labels, _ = training_dataset(f"file://{tmp_path / 'pool'}")  # local paths: finetune test
+    rows = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("id")
+    np.testing.assert_array_equal(rows.column("id").to_numpy(), digits.ids)
+    assert rows.column("image").to_pylist() == table.column("image").to_pylist()
+    np.testing.assert_array_equal(rows.column("label").fill_null(-1).to_numpy(), expect)
+    np.testing.assert_array_equal(np.sort(labels), np.sort(expect))
+    pq.write_table(table.slice(0, 4).drop_columns(["image"]), tmp_path / "pool" / "part-2.parquet")
+    with pytest.raises(UserInputError, match="needs 'id' and 'image' columns"):
+        training_dataset(tmp_path / "pool")
+
+
+class ListShard:
+    """A dataset shard as far as ``ShardStream`` cares: the same blocks in the same order."""
+
+    def __init__(self, table: pa.Table, block: int) -> None:
+        self.blocks = [table.slice(i, block) for i in range(0, table.num_rows, block)]
+
+    def iter_batches(self, **_):
+        yield from self.blocks
+
+
+def _epochs(stream: ShardStream, n: int, epochs: int) -> list[np.ndarray]:
+    """The images of ``epochs`` whole epochs (from the start of one), one array per epoch."""
+    out = []
+    for _ in range(epochs):
+        images, _ = stream.next(n)
+        out.append(images)
+    return out
+
+
+def test_shard_stream_is_a_seeded_resumable_shuffle(digits):
+    table = digits.to_arrow_table()
+    n, buffer = len(digits), 8
+    row_of = {digits.images[i].tobytes(): i for i in range(n)}
+
+    def order(images):
+        return np.array([row_of[im.tobytes()] for im in images])
+
+    stream = ShardStream(ListShard(table, 10), DATA, seed=3, buffer=buffer)
+    epochs = [order(e) for e in _epochs(stream, n, 3)]
+    for e in epochs:  # each epoch hands out every row once ...
+        np.testing.assert_array_equal(np.sort(e), np.arange(n))
+        # ... and row i cannot leave before it was read: output position >= i - buffer
+        assert (np.argsort(e) >= np.arange(n) - buffer).all()
+    assert not np.array_equal(epochs[0], epochs[1])  # a new order each epoch
+    assert not np.array_equal(epochs[0], np.arange(n))  # shuffled
+    again = ShardStream(ListShard(table, 32), DATA, seed=3, buffer=buffer)  # other blocks sizes
+    np.testing.assert_array_equal(order(again.next(n)[0]), epochs[0])  # seeded by (seed, epoch)
+    other = ShardStream(ListShard(table, 10), DATA, seed=4, buffer=buffer)
+    assert not np.array_equal(order(other.next(n)[0]), epochs[0])
+    # with the buffer holding the whole shard, epoch e is derive_rng(seed, e).permutation(n)
+    whole = ShardStream(ListShard(table, 10), DATA, seed=3, buffer=n)
+    for e in range(2):
+        np.testing.assert_array_equal(order(whole.next(n)[0]), derive_rng(3, e).permutation(n))
+    # resumed at any position (batches spanning epochs), it continues as the uninterrupted one
+    full = np.concatenate(epochs)
+    first = ShardStream(ListShard(table, 10), DATA, seed=3, buffer=buffer)
+    got = [order(first.next(50)[0]), order(first.next(50)[0])]
+    resumed = ShardStream(ListShard(table, 10), DATA, seed=3, buffer=buffer)
+    resumed.seek(*first.position)
+    assert first.position == (1, 36)
+    got.append(order(resumed.next(70)[0]))
+    np.testing.assert_array_equal(np.concatenate(got), full[:170])
+    with pytest.raises(UserInputError, match="empty"):
+        ShardStream(ListShard(table.slice(0, 0), 10), DATA, seed=0, buffer=4).next(1)
+
+
+def _stream_reference(cfg, images: np.ndarray, steps: int):
+    """Streamed training written out plainly: whole-shard buffer, so epoch e's rows are
+    ``images[derive_rng(rank_seed, e).permutation(n)]``; returns the model and the losses."""
+    from raycollapse.diffusion.train_parts import EMA, make_lr_schedule, make_optimizer
+    from raycollapse.diffusion.trainer import train_step
+
+    t, n = cfg.train, len(images)
+    seed = rank_seed(t.seed, 0)
+    rows = np.concatenate(
+        [derive_rng(seed, e).permutation(n) for e in range(steps * t.batch_size // n + 1)]
+    )
+    model = build_unet("tiny", resolution=8, channels=1, seed=cfg.model.seed)
+    opt = make_optimizer(model, t.lr, t.weight_decay)
+    schedule, ema = make_lr_schedule(opt, t.warmup_steps, steps), EMA(model, t.ema_decay)
+    gen, losses = torch.Generator().manual_seed(seed), []
+    for s in range(steps):
+        batch = images_to_tensor(images[rows[s * t.batch_size : (s + 1) * t.batch_size]])
+        losses.append(train_step(model, batch, None, noise_scheduler=make_scheduler(), optimizer=opt,
+                                 lr_schedule=schedule, ema=ema, generator=gen, grad_clip=t.grad_clip))  # fmt: skip
+    return model, losses
+
+
+@pytest.mark.slow
+def test_streamed_training_resumes_exactly(tmp_path, ray_local, digits):
+    """train.in_memory_gb=0 streams; rank 0 dies at step 7 and resumes from step 5's checkpoint
+    (stream position included) to the result of the plainly written streamed loop."""
+    (tmp_path / "pool").mkdir()
+    pq.write_table(digits.to_arrow_table(), tmp_path / "pool" / "part-00000.parquet")
+    marker = tmp_path / "killed.txt"
+    cfg = _cfg("train.steps=10", "train.checkpoint_every=5", "train.max_failures=1",
+               "train.in_memory_gb=0", f"train.stream_buffer={len(digits)}")  # fmt: skip
+    out = train_distributed(cfg, tmp_path / "pool", tmp_path / "ckpt", storage_path=tmp_path / "ray",
+                            run_name="s", callbacks=[KillOnce(7, marker)])  # fmt: skip
+    assert marker.exists() and out["start_step"] == 5 and out["streamed"] is True
+    rank = load_training_state(tmp_path / "ray" / "s" / "step-00000005" / "rank_000.pt")
+    assert rank["stream_position"].tolist() == [1, 16]  # 5 x 16 rows of a 64-row epoch
+    model, losses = _stream_reference(cfg, digits.images, 10)
+    trained, got_losses = _final_state(tmp_path / "ray" / "s", 10)
+    assert got_losses == losses
+    _assert_same_weights(trained, model)
+    with pytest.raises(UserInputError, match="on_small"):
+        train_distributed(_cfg("train.in_memory_gb=0", "train.workers=2", "data.on_small=skip"),
+                          tmp_path / "pool", tmp_path / "o", storage_path=tmp_path / "ray", run_name="x")  # fmt: skip
