@@ -283,12 +283,11 @@ class _Threshold:
 
     def _qmin(self, rows: np.ndarray, lo: int, a_end: int) -> np.ndarray:
         """float32 ``min_j (s2[j] - 2 dot(i, j))`` over accepted points j in acc[lo:a_end]."""
-        xr = self.sp.xa[rows]
+        xr = self.sp.xa[rows] * np.float32(-2.0)  # exact; scales the small factor, not t
         qmin = np.full(len(rows), np.inf, dtype=np.float32)
         for c0 in range(lo, a_end, _COLS):
             c1 = min(c0 + _COLS, a_end)
             t = xr @ self.acc_xa[c0:c1].T
-            t *= -2.0
             t += self.acc_s2f[c0:c1]
             np.minimum(qmin, t.min(axis=1), out=qmin)
         return qmin
@@ -316,11 +315,14 @@ class _Threshold:
     def _conflicts(self, ok: np.ndarray, tau: float) -> np.ndarray:
         """conflict[p, q] (p < q): canonical d(ok[p], ok[q]) <= tau."""
         sp = self.sp
-        s2, s = sp.s2[ok], sp.s[ok]
+        s2 = sp.s2[ok]
         q = s2[:, None] + s2[None, :] - 2.0 * self._gram(ok)
-        e, f = sp.err(s[:, None], s[None, :])
-        conflict = sp.upper(q, e, f) <= tau
-        amb = (sp.lower(q, e, f) <= tau) & ~conflict
+        # the bounds of the largest norm of the block hold for every pair (they grow with
+        # the norms): two scalar limits on q instead of bounds per pair
+        smax = float(sp.s[ok].max())
+        qu, ql = sp.q_limits(tau, *sp.err(smax, smax))
+        conflict = q <= qu
+        amb = (q < ql) & ~conflict
         pi, qi = np.nonzero(np.triu(amb, 1))
         if len(pi):
             conflict[pi, qi] = pair_distances(self.x[ok[pi]], self.x[ok[qi]]) <= tau
