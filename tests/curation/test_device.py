@@ -83,6 +83,13 @@ def test_torch_greedy_whole_pool_with_duplicates_and_high_dimension():
     assert np.array_equal(got, plain_greedy(y, 40, 1))
 
 
+def test_torch_greedy_over_several_row_blocks():
+    # more rows than one block of the batch product (2^18): block offsets must be right
+    x = np.random.default_rng(0).standard_normal((300_000, 2)).astype(np.float32)
+    x[-1000:] = x[:1000]  # duplicates across blocks
+    assert np.array_equal(greedy_run(x, 12, 5, backend="torch").indices, plain_greedy(x, 12, 5))
+
+
 @pytest.mark.parametrize("kind", list(DATA))
 def test_torch_threshold_equals_the_plain_loop(kind):
     x = DATA[kind](250, 4, 5)
