@@ -21,6 +21,7 @@ from raycollapse.curation.select import select
 from raycollapse.data.inputs import load_features
 from raycollapse.errors import UserInputError
 from raycollapse.io.atomic import atomic_path
+from raycollapse.neighbors.compute import Compute, resolve_compute
 from raycollapse.neighbors.knn import knn_self
 
 OUT_SUFFIXES = (".npy", ".parquet")
@@ -74,6 +75,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="Ray CPUs per shard actor (fractions allowed); default: 1, or an equal share of "
         "the cluster's CPUs when it has fewer than --shards",
     )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N or auto (select.device): where greedy and threshold decay run; "
+        "the same indices on every device",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_args(p)
     p.set_defaults(func=run)
@@ -89,9 +96,12 @@ def run(args: argparse.Namespace) -> int:
             "select.tau0": args.tau0,
             "select.decay": args.decay,
             "knn.shards": args.shards,
+            "select.device": args.device,
         },
     )
     sel = cfg.select
+    # a device that cannot be had fails before any data is read
+    compute = resolve_compute(sel.device, sel.backend)
     out = Path(args.out)
     if out.suffix not in OUT_SUFFIXES:
         raise UserInputError(f"--out '{out}' must end in .npy or .parquet.")
@@ -101,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.cpus_per_shard is not None and not args.cpus_per_shard > 0:
         raise UserInputError(f"--cpus-per-shard must be > 0, got {args.cpus_per_shard:g}")
+    if cfg.knn.shards != 1 and compute != Compute():
+        raise UserInputError(
+            f"select.device={sel.device!r} (backend {sel.backend!r}) runs in-process; with "
+            "--shards the shard actors select on their CPUs: drop --device or use --shards 1"
+        )
     start = time.perf_counter()
     if cfg.knn.shards != 1:  # Ray only when asked for: the default path never imports it
         from raycollapse.stages.knn_shards_cli import selection_report
@@ -125,7 +140,16 @@ def run(args: argparse.Namespace) -> int:
             raise UserInputError(
                 f"budget {sel.budget} is larger than the number of rows N={n}; pass --budget <= {n}."
             )
-        chosen_by = select(x, sel.method, sel.budget, seed=sel.seed, tau0=sel.tau0, decay=sel.decay)
+        chosen_by = select(
+            x,
+            sel.method,
+            sel.budget,
+            seed=sel.seed,
+            tau0=sel.tau0,
+            decay=sel.decay,
+            device=compute.device,
+            backend=compute.backend,
+        )
         seconds = time.perf_counter() - start
         idx = chosen_by.indices
         _write_indices(out, idx, None if loaded.ids is None else loaded.ids[idx])
@@ -137,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         "budget": int(sel.budget),
         "method": sel.method,
         "seed": int(sel.seed),
+        "device": compute.device,
         "seconds": seconds,
         **chosen_by.threshold_report(),
         "min_pairwise_distance": min_dist,

@@ -20,6 +20,7 @@ SelectMethod = Literal["none", "random", "greedy", "threshold"]
 Paradigm = Literal["replace", "accumulate", "accumulate_all", "fresh"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Init = Literal["scratch", "finetune"]
+ComputeBackend = Literal["auto", "numpy", "torch"]
 
 SOURCES: tuple[str, ...] = get_args(Source)
 PRESET_NAMES: tuple[str, ...] = get_args(Preset)
@@ -214,6 +215,10 @@ class KnnConfig:
     """Ray actors holding one shard of the index each (>= 1); 1 = in-process, no Ray."""
     bootstrap: int = 0
     """Bootstrap replicates for a confidence interval of the entropy (>= 0); 0 = none."""
+    device: str = "cpu"
+    """Where the in-process kNN runs: cpu, cuda, cuda:N or auto (CUDA when present); same result."""
+    backend: ComputeBackend = "auto"
+    """numpy (CPU only), torch (any device) or auto (torch on CUDA, numpy on the CPU)."""
 
 
 @dataclass
@@ -231,6 +236,11 @@ class SelectConfig:
     """Initial threshold tau0 (> 0), in feature units; null = derived from the data."""
     decay: float = 0.9
     """Factor applied to tau after each threshold pass, in (0, 1)."""
+    device: str = "cpu"
+    """Where greedy and threshold decay run: cpu, cuda, cuda:N or auto (CUDA when present);
+    the same indices on every device."""
+    backend: ComputeBackend = "auto"
+    """numpy (CPU only), torch (any device) or auto (torch on CUDA, numpy on the CPU)."""
 
 
 @dataclass

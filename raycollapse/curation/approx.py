@@ -75,3 +75,18 @@ class ApproxSpace:
     def upper(self, q: Any, e: Any, f: Any) -> Any:
         """Upper bound of the canonical distance given approximate squared distance ``q``."""
         return (np.sqrt(np.maximum(q + e, 0.0)) + f) * self.rel
+
+    def q_limits(self, tau: float, e: float, f: float) -> tuple[float, float]:
+        """Scalars ``(qu, ql)`` for one threshold ``tau`` and scalar bounds ``e``, ``f``:
+        ``q <= qu`` implies ``upper(q, e, f) <= tau`` (the canonical distance is <= tau) and
+        ``q >= ql`` implies ``lower(q, e, f) > tau`` (it is > tau). :meth:`upper` and
+        :meth:`lower` are monotone in ``q`` as computed (each float operation is), so one
+        comparison of ``q`` replaces both bounds; the limits are checked with those very
+        functions and moved outwards until they hold."""
+        qu = (tau / self.rel - f) ** 2 - e if tau / self.rel > f else -np.inf
+        while qu > -np.inf and self.upper(qu, e, f) > tau:
+            qu -= abs(qu) * 1e-15 + 1e-300
+        ql = (tau * self.rel + f) ** 2 + e
+        while not self.lower(ql, e, f) > tau:
+            ql += abs(ql) * 1e-15 + 1e-300
+        return float(qu), float(ql)

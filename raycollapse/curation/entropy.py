@@ -24,6 +24,8 @@ import numpy as np
 from scipy.special import digamma
 
 from raycollapse.errors import UserInputError
+from raycollapse.neighbors.compute import resolve_compute, torch_threads
+from raycollapse.neighbors.device import faiss_has_gpu
 from raycollapse.neighbors.knn import knn_self
 from raycollapse.neighbors.validate import as_distances, as_features, check_k
 
@@ -139,14 +141,31 @@ def kl_entropy(
     bootstrap: int = 0,
     seed: int = 0,
     batch_size: int = 4096,
+    device: str = "cpu",
+    backend: str = "auto",
 ) -> EntropyResult:
     """KL entropy (nats) of the point set ``x`` (N, d), k-th neighbour excluding the point itself.
 
     Validates ``x`` (:func:`~raycollapse.neighbors.validate.as_features`) and ``k`` (1 <= k < N),
     finds exact neighbour distances with :func:`~raycollapse.neighbors.knn.knn_self` and applies
     :func:`entropy_from_knn_distances` (formula, duplicates, ``eps`` and bootstrap there).
+
+    ``device`` and ``backend``: see :func:`~raycollapse.neighbors.compute.resolve_compute`. On
+    CUDA the neighbours come from FAISS's GPU index where faiss-gpu is installed, else from
+    :func:`~raycollapse.neighbors.knn_torch.knn_self_torch`; the torch backend on the CPU uses
+    the latter too. Every path gives the same neighbour distances, hence the same entropy.
     """
+    compute = resolve_compute(device, backend)
     x = as_features(x, "features")
     k = check_k(k, x.shape[0])
-    r_k = knn_self(x, k, batch_size=batch_size).distances[:, k - 1]
+    if compute.cuda and faiss_has_gpu():
+        knn = knn_self(x, k, batch_size=batch_size, device=compute.device)
+    elif compute.torch:
+        from raycollapse.neighbors.knn_torch import knn_self_torch
+
+        with torch_threads(compute):
+            knn = knn_self_torch(x, k, compute, batch_size)
+    else:
+        knn = knn_self(x, k, batch_size=batch_size)
+    r_k = knn.distances[:, k - 1]
     return entropy_from_knn_distances(r_k, x.shape[1], k, eps, bootstrap=bootstrap, seed=seed)

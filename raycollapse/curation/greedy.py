@@ -36,6 +36,7 @@ import numpy as np
 
 from raycollapse.curation.approx import ApproxSpace
 from raycollapse.errors import UserInputError
+from raycollapse.neighbors.compute import resolve_compute, torch_threads
 from raycollapse.neighbors.distances import pair_distances
 from raycollapse.neighbors.threads import blas_single_threaded
 from raycollapse.neighbors.validate import as_features
@@ -89,12 +90,16 @@ class GreedyResult:
     pair_share: float
 
 
-def greedy_select(x: Any, budget: int, seed: int = 0) -> np.ndarray:
+def greedy_select(
+    x: Any, budget: int, seed: int = 0, *, device: str = "cpu", backend: str = "auto"
+) -> np.ndarray:
     """Farthest-point (k-center) greedy selection: the indices of :func:`greedy_run`."""
-    return greedy_run(x, budget, seed).indices
+    return greedy_run(x, budget, seed, device=device, backend=backend).indices
 
 
-def greedy_run(x: Any, budget: int, seed: int = 0) -> GreedyResult:
+def greedy_run(
+    x: Any, budget: int, seed: int = 0, *, device: str = "cpu", backend: str = "auto"
+) -> GreedyResult:
     """Farthest-point (k-center) greedy selection of ``budget`` rows of ``x`` (docs/design.md,
     "Greedy selection").
 
@@ -107,15 +112,41 @@ def greedy_run(x: Any, budget: int, seed: int = 0) -> GreedyResult:
     The result equals that plain loop exactly; it is computed in provably exact batches of steps
     with triangle-inequality pruning and bounded-error float32 products (module docstring),
     which skip most distance evaluations on clustered data.
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) and ``backend`` (``numpy``, ``torch``,
+    ``auto``): see :func:`~raycollapse.neighbors.compute.resolve_compute`; the torch backend
+    (:func:`~raycollapse.curation.greedy_torch.greedy_torch`) gives the same indices.
     """
+    compute = resolve_compute(device, backend)
     x = as_features(x, "features", min_rows=1)
     n = x.shape[0]
     budget = check_budget(budget, n)
     first = int(np.random.default_rng(seed).integers(n))
+    if compute.torch:
+        from raycollapse.curation.greedy_torch import greedy_torch
+
+        with torch_threads(compute):
+            indices, batches, pairs = greedy_torch(x, budget, first, compute)
+        return GreedyResult(indices, batches, pairs / (n * budget))
     with blas_single_threaded() as threads:
         run = _Greedy(x, budget, threads)
         indices = run.run(first)
     return GreedyResult(indices, run.batches, run.pairs / (n * budget))
+
+
+def valid_prefix(sp: ApproxSpace, x: np.ndarray, top: np.ndarray, mt: np.ndarray) -> np.ndarray:
+    """The longest prefix of ``top`` (points in (-m, index) order, ``mt`` their m) whose
+    points are each at canonical distance >= their own m from the earlier ones: adding them
+    together takes the same greedy steps as adding them one by one (see :class:`_Greedy`)."""
+    xt, s2, s = sp.xa[top], sp.s2[top], sp.s[top]
+    e, f = sp.err(s[:, None], s[None, :])
+    lb = sp.lower(s2[:, None] + s2[None, :] - 2.0 * (xt @ xt.T), e, f)
+    bad = np.tril(lb < mt[:, None], -1)  # pair (j, i < j) not proven harmless
+    for j in np.flatnonzero(bad.any(axis=1)).tolist():
+        prev = top[:j][bad[j, :j]]
+        if (pair_distances(x[prev], x[top[j]]) < mt[j]).any():
+            return top[:j]
+    return top
 
 
 class _Greedy:
@@ -200,17 +231,7 @@ class _Greedy:
             return np.array([c])
         top = np.flatnonzero(m >= cut)  # ties at the cut included
         top = top[np.lexsort((top, -m[top]))][:t]
-        sp = self.sp
-        xt, s2, s = sp.xa[top], sp.s2[top], sp.s[top]
-        e, f = sp.err(s[:, None], s[None, :])
-        lb = sp.lower(s2[:, None] + s2[None, :] - 2.0 * (xt @ xt.T), e, f)
-        mt = m[top]
-        bad = np.tril(lb < mt[:, None], -1)  # pair (j, i < j) not proven harmless
-        for j in np.flatnonzero(bad.any(axis=1)).tolist():
-            prev = top[:j][bad[j, :j]]
-            if (pair_distances(self.x[prev], self.x[top[j]]) < mt[j]).any():
-                return top[:j]
-        return top
+        return valid_prefix(self.sp, self.x, top, m[top])
 
     def start(self, first: np.ndarray, row: np.ndarray, local: np.ndarray | None = None) -> None:
         """The first centre ``first`` (one index) with float32 ``row`` (1, d); ``local`` as in

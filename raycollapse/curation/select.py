@@ -67,6 +67,8 @@ def select(
     tau0: float | None = None,
     decay: float = 0.9,
     max_passes: int = 10_000,
+    device: str = "cpu",
+    backend: str = "auto",
 ) -> Selection:
     """Choose ``budget`` rows of the features ``x`` (N, d) by ``method``.
 
@@ -74,17 +76,28 @@ def select(
     ``threshold``: :func:`~raycollapse.curation.threshold.threshold_select` with ``tau0``
     (None: :func:`default_tau0`), ``decay`` and ``max_passes``; ``random``:
     :func:`random_select`, for which ``x`` may also be the number of candidates N (random
-    selection needs no features). Raises ``UserInputError`` for an unknown method and for the
-    bad arguments each method refuses.
+    selection needs no features). ``device`` and ``backend`` (greedy and threshold): see
+    :func:`~raycollapse.neighbors.compute.resolve_compute`; the indices do not depend on them.
+    Raises ``UserInputError`` for an unknown method and for the bad arguments each method
+    refuses.
     """
     if method == "random":
         n = x if isinstance(x, numbers.Integral) and not isinstance(x, bool) else len(x)
         return Selection(random_select(int(n), budget, seed=seed), method)
     if method == "greedy":
-        res = greedy_run(x, budget, seed=seed)
+        res = greedy_run(x, budget, seed=seed, device=device, backend=backend)
         return Selection(res.indices, method, batches=res.batches, pair_share=res.pair_share)
     if method == "threshold":
-        th = threshold_select(x, budget, tau0=tau0, decay=decay, seed=seed, max_passes=max_passes)
+        th = threshold_select(
+            x,
+            budget,
+            tau0=tau0,
+            decay=decay,
+            seed=seed,
+            max_passes=max_passes,
+            device=device,
+            backend=backend,
+        )
         return Selection(th.indices, method, th.tau0, th.tau_final, th.passes)
     raise UserInputError(
         f"selection method must be one of {', '.join(METHODS)}, got {method!r}; "

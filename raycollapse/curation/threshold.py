@@ -31,6 +31,7 @@ import numpy as np
 
 from raycollapse.curation.greedy import ApproxSpace, check_budget
 from raycollapse.errors import UserInputError
+from raycollapse.neighbors.compute import resolve_compute, torch_threads
 from raycollapse.neighbors.distances import pair_distances
 from raycollapse.neighbors.threads import blas_single_threaded
 from raycollapse.neighbors.validate import as_features
@@ -114,6 +115,9 @@ def threshold_select(
     decay: float = 0.9,
     seed: int = 0,
     max_passes: int = 10_000,
+    *,
+    device: str = "cpu",
+    backend: str = "auto",
 ) -> ThresholdResult:
     """Threshold-decay selection of ``budget`` rows of ``x`` (docs/design.md, "Threshold decay").
 
@@ -122,7 +126,12 @@ def threshold_select(
     outside (0, 1), a non-positive or non-finite tau0, non-finite features, when a pass accepts
     nobody and every remaining candidate is an exact duplicate of an accepted point (fewer
     distinct points than the budget), and when ``max_passes`` passes do not reach the budget.
+
+    ``device`` and ``backend``: see :func:`~raycollapse.neighbors.compute.resolve_compute`; the
+    torch backend (:class:`~raycollapse.curation.threshold_torch.TorchThreshold`) runs the
+    products there and gives the same result.
     """
+    compute = resolve_compute(device, backend)
     x = as_features(x, "features", min_rows=1)
     n = x.shape[0]
     budget = check_budget(budget, n)
@@ -130,6 +139,12 @@ def threshold_select(
     if tau0 is None:
         tau0 = default_tau0(x, budget, seed)
     order = np.random.default_rng(seed).permutation(n)
+    if compute.torch:
+        from raycollapse.curation.threshold_torch import TorchThreshold
+
+        with blas_single_threaded(), torch_threads(compute):
+            walk: _Threshold = TorchThreshold(x, budget, compute)
+            return walk.run(order, float(tau0), float(decay), int(max_passes))
     with blas_single_threaded():
         return _Threshold(x, budget).run(order, float(tau0), float(decay), int(max_passes))
 
@@ -257,15 +272,7 @@ class _Threshold:
         ``t = s2[j] - 2 dot(i, j)`` is formed in float32: on top of the bound E of ApproxSpace
         this adds at most ``2.1 u32 (s_i + s_j)^2`` (rounding of s2 and of the subtraction)."""
         sp = self.sp
-        lo = int(self.cnt[rows].min())
-        xr = sp.xa[rows]
-        qmin = np.full(len(rows), np.inf, dtype=np.float32)
-        for c0 in range(lo, a_end, _COLS):
-            c1 = min(c0 + _COLS, a_end)
-            t = xr @ self.acc_xa[c0:c1].T
-            t *= -2.0
-            t += self.acc_s2f[c0:c1]
-            np.minimum(qmin, t.min(axis=1), out=qmin)
+        qmin = self._qmin(rows, int(self.cnt[rows].min()), a_end)
         q = qmin.astype(np.float64) + sp.s2[rows]
         si = sp.s[rows]
         e, f = sp.err(si, self.acc_smax)
@@ -273,6 +280,22 @@ class _Threshold:
         self.lb[rows] = np.minimum(self.lb[rows], sp.lower(q, e, f))
         self.ub[rows] = np.minimum(self.ub[rows], sp.upper(q, e, f))
         self.cnt[rows] = a_end
+
+    def _qmin(self, rows: np.ndarray, lo: int, a_end: int) -> np.ndarray:
+        """float32 ``min_j (s2[j] - 2 dot(i, j))`` over accepted points j in acc[lo:a_end]."""
+        xr = self.sp.xa[rows] * np.float32(-2.0)  # exact; scales the small factor, not t
+        qmin = np.full(len(rows), np.inf, dtype=np.float32)
+        for c0 in range(lo, a_end, _COLS):
+            c1 = min(c0 + _COLS, a_end)
+            t = xr @ self.acc_xa[c0:c1].T
+            t += self.acc_s2f[c0:c1]
+            np.minimum(qmin, t.min(axis=1), out=qmin)
+        return qmin
+
+    def _gram(self, ok: np.ndarray) -> np.ndarray:
+        """float32 products ``dot(ok[p], ok[q])`` of the centred rows."""
+        xo = self.sp.xa[ok]
+        return xo @ xo.T
 
     def _bulk_update(self, rows: np.ndarray) -> None:
         """Bring ``rows`` up to all accepted points, grouped by how far each already is."""
@@ -292,12 +315,14 @@ class _Threshold:
     def _conflicts(self, ok: np.ndarray, tau: float) -> np.ndarray:
         """conflict[p, q] (p < q): canonical d(ok[p], ok[q]) <= tau."""
         sp = self.sp
-        xo = sp.xa[ok]
-        s2, s = sp.s2[ok], sp.s[ok]
-        q = s2[:, None] + s2[None, :] - 2.0 * (xo @ xo.T)
-        e, f = sp.err(s[:, None], s[None, :])
-        conflict = sp.upper(q, e, f) <= tau
-        amb = (sp.lower(q, e, f) <= tau) & ~conflict
+        s2 = sp.s2[ok]
+        q = s2[:, None] + s2[None, :] - 2.0 * self._gram(ok)
+        # the bounds of the largest norm of the block hold for every pair (they grow with
+        # the norms): two scalar limits on q instead of bounds per pair
+        smax = float(sp.s[ok].max())
+        qu, ql = sp.q_limits(tau, *sp.err(smax, smax))
+        conflict = q <= qu
+        amb = (q < ql) & ~conflict
         pi, qi = np.nonzero(np.triu(amb, 1))
         if len(pi):
             conflict[pi, qi] = pair_distances(self.x[ok[pi]], self.x[ok[qi]]) <= tau

@@ -235,7 +235,7 @@ def test_greedy_beats_random_min_distance(capsys, emb, tmp_path):
         (
             ["--budget", "5", "select.typo=1"],
             "unknown config key 'select.typo' (override 'select.typo=1'). "
-            "Valid keys under 'select': budget, decay, method, seed, tau0.",
+            "Valid keys under 'select': backend, budget, decay, device, method, seed, tau0.",
         ),
     ],
 )
