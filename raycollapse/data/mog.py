@@ -117,20 +117,29 @@ def random_mixture(
 def mixture_from_config(mog: Any) -> Mixture:
     """The mixture of a ``data.mog`` section: given parameters, or seeded random ones."""
     k, d = int(mog.components), int(mog.dim)
-    given = [mog.weights, mog.means, mog.covariances]
     rand = random_mixture(
         k, d, seed=int(mog.seed), spread=float(mog.spread), scale=float(mog.scale)
     )
-    weights = rand.weights if given[0] is None else list(given[0])
-    means = rand.means if given[1] is None else [list(m) for m in given[1]]
-    covs = rand.covariances if given[2] is None else [[list(r) for r in c] for c in given[2]]
-    mix = make_mixture(weights, means, covs)
-    if (mix.components, mix.dim) != (k, d):
-        raise UserInputError(
-            f"data.mog.components={k} and data.mog.dim={d}, but the given parameters describe "
-            f"{mix.components} components in {mix.dim} dimensions; make them agree."
-        )
-    return mix
+    params = {"weights": rand.weights, "means": rand.means, "covariances": rand.covariances}
+    for key, shape in (("weights", (k,)), ("means", (k, d)), ("covariances", (k, d, d))):
+        value = getattr(mog, key)
+        if value is None:
+            continue
+        arr = np.asarray(_plain(value), dtype=np.float64)
+        if arr.shape != shape:
+            raise UserInputError(
+                f"data.mog.{key} has shape {arr.shape}, but data.mog.components={k} and "
+                f"data.mog.dim={d} need {shape}; make them agree."
+            )
+        params[key] = arr
+    return make_mixture(params["weights"], params["means"], params["covariances"])
+
+
+def _plain(value: Any) -> Any:
+    """Nested lists of an OmegaConf list (or plain lists) as plain Python lists."""
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        return value
+    return [_plain(v) for v in value]
 
 
 def sample_mixture(mix: Mixture, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -34,33 +34,34 @@ class EmpiricalDenoiser(torch.nn.Module):
     """``eps*(x_t, t)`` of the empirical distribution of ``train`` (N x d) for ``train_scheduler``.
 
     Called like a diffusers model: ``model(x_t, t).sample``; ``config.dim`` is ``d``. Computed in
-    float64 (the softmax over training points is sharp at small ``t``).
+    float64 numpy (the softmax over training points is sharp at small ``t``; numpy keeps these
+    small products off torch's thread pool).
     """
 
     def __init__(self, train: np.ndarray, train_scheduler: Any) -> None:
         super().__init__()
-        self.register_buffer("points", torch.as_tensor(np.asarray(train), dtype=torch.float64))
-        ac = torch.as_tensor(np.asarray(train_scheduler.alphas_cumprod), dtype=torch.float64)
-        self.register_buffer("alphas_cumprod", ac)
+        self.points = np.asarray(train, dtype=np.float64)
+        self.sq_norms = (self.points * self.points).sum(axis=1)
+        self.alphas_cumprod = np.asarray(train_scheduler.alphas_cumprod, dtype=np.float64)
         self.config = SimpleNamespace(dim=int(self.points.shape[1]))
 
-    def posterior_mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``m(x_t) = E[x_0 | x_t]`` under the empirical distribution (module docstring)."""
-        a = self.alphas_cumprod[t.long()].to(torch.float64)[:, None]
-        x64 = x.to(torch.float64)
+    def posterior_mean(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """``m(x_t) = E[x_0 | x_t]`` (float64 ``N x d``) under the empirical distribution."""
+        a = self.alphas_cumprod[np.asarray(t, dtype=np.int64)][:, None]
         # |x - s p|^2 = |x|^2 - 2 s x.p + s^2 |p|^2; the |x|^2 term cancels in the softmax.
-        s = a.sqrt()
-        sq = -2.0 * s * (x64 @ self.points.T) + a * (self.points * self.points).sum(1)[None, :]
-        return torch.softmax(-sq / (2.0 * (1.0 - a)), dim=1) @ self.points
+        sq = -2.0 * np.sqrt(a) * (np.asarray(x, dtype=np.float64) @ self.points.T)
+        logits = -(sq + a * self.sq_norms[None, :]) / (2.0 * (1.0 - a))
+        w = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return (w / w.sum(axis=1, keepdims=True)) @ self.points
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, class_labels=None):
-        t = torch.as_tensor(timestep, device=sample.device)
-        if t.ndim == 0:
-            t = t.expand(sample.shape[0])
-        a = self.alphas_cumprod[t.long()].to(torch.float64)[:, None]
-        m = self.posterior_mean(sample, t)
-        eps = (sample.to(torch.float64) - a.sqrt() * m) / (1.0 - a).sqrt()
-        return SimpleNamespace(sample=eps.to(sample.dtype))
+        t = np.broadcast_to(np.asarray(torch.as_tensor(timestep).cpu()), (sample.shape[0],))
+        x = sample.detach().cpu().numpy().astype(np.float64)
+        a = self.alphas_cumprod[t.astype(np.int64)][:, None]
+        eps = (x - np.sqrt(a) * self.posterior_mean(x, t)) / np.sqrt(1.0 - a)
+        return SimpleNamespace(
+            sample=torch.as_tensor(eps, dtype=sample.dtype, device=sample.device)
+        )
 
 
 def memorization_reference(
