@@ -56,7 +56,7 @@ def _paper_spec(c: int) -> UNetSpec:
     )
 
 
-PRESETS: dict[str, UNetSpec] = {
+UNET_PRESETS: dict[str, UNetSpec] = {
     # One ResNet layer per block and attention only at the lowest resolution (2x2 at 8x8): a
     # training step at batch 64 takes about 0.1 s on one CPU core (benchmarks/README.md, DDPM).
     "tiny": UNetSpec(
@@ -85,6 +85,8 @@ class MLPSpec:
 # About 0.1 M parameters: a training step at batch 256 takes ~1 ms on one CPU core, so a 2-D or
 # 8-D mixture is fitted in a few seconds.
 VECTOR_PRESETS: dict[str, MLPSpec] = {"mlp": MLPSpec(hidden=128, depth=3, time_embed_dim=64)}
+# Every preset, in the order of ``config.schema.Preset``.
+PRESETS: dict[str, UNetSpec | MLPSpec] = {**UNET_PRESETS, **VECTOR_PRESETS}
 VECTOR_SOURCES = ("mog",)
 
 
@@ -104,18 +106,19 @@ def check_model_data(preset: str, source: str) -> None:
     if not vector_data and is_vector_preset(preset):
         raise UserInputError(
             f"model preset '{preset}' is for vector data (data.source={'|'.join(VECTOR_SOURCES)}); "
-            f"data.source={source} gives images: choose one of {', '.join(PRESETS)}."
+            f"data.source={source} gives images: choose one of {', '.join(UNET_PRESETS)}."
         )
 
 
 def get_spec(preset: str) -> UNetSpec:
     """The spec of a preset; a ``UserInputError`` listing the presets for an unknown name."""
-    if preset not in PRESETS:
-        kind = " (a vector preset: it has no UNet spec)" if is_vector_preset(preset) else ""
+    if is_vector_preset(preset):
+        raise UserInputError(f"model preset '{preset}' is a vector model: it has no UNet spec.")
+    if preset not in UNET_PRESETS:
         raise UserInputError(
-            f"unknown model preset '{preset}'{kind}; choose one of {', '.join(PRESETS)}."
+            f"unknown model preset '{preset}'; choose one of {', '.join(PRESETS)}."
         )
-    return PRESETS[preset]
+    return UNET_PRESETS[preset]
 
 
 def check_resolution(preset: str, resolution: int) -> None:
