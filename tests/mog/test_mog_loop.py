@@ -22,6 +22,8 @@ from helpers import kl_entropy_direct
 from raycollapse.config import load_config
 from raycollapse.data.mog import mixture_entropy, mixture_from_config
 from raycollapse.loop.runner import run_loop
+from raycollapse.report.collect import collect_runs
+from raycollapse.report.scatter import mog_section, reference_rows
 from raycollapse.seeds import derive_seed
 
 pytestmark = pytest.mark.slow
@@ -86,3 +88,12 @@ def test_collapse_without_selection_and_greedy_keeps_entropy(ray_local, tmp_path
     assert none[0] == greedy[0]
     assert none[1] < none[0]  # collapse: the self-consuming loop loses entropy
     assert greedy[1] > none[1]  # greedy selection keeps more of it
+
+    # The report section: the trajectories against the memorization limit, which starts from the
+    # same training set (its first entropy_train is the run's).
+    data = collect_runs([str(tmp_path / n) for n in runs])
+    html = mog_section(data)
+    assert "Mixture of Gaussians" in html and html.count("<img") == 1
+    ref = reference_rows(str(tmp_path / "none"), data[0].config, 1)
+    assert ref[0]["entropy_train"] == pytest.approx(none[0], abs=1e-4)
+    assert ref[0]["generalization_score"] < 1e-2  # the fully fitted model copies
