@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-Source = Literal["digits", "cifar10", "folder", "parquet"]
-Preset = Literal["tiny", "unet32", "unet48", "unet64", "unet128"]
+Source = Literal["digits", "cifar10", "folder", "parquet", "mog"]
+Preset = Literal["tiny", "unet32", "unet48", "unet64", "unet128", "mlp"]
 Sampler = Literal["ddim", "ddpm"]
 Feature = Literal["pixel", "clip", "dinov2", "inception"]
 SelectMethod = Literal["none", "random", "greedy", "threshold"]
@@ -54,6 +54,9 @@ class DataConfig:
     """parquet sources: the column of encoded images."""
     label_column: str | None = "label"
     """parquet sources: the column of integer labels; null = unlabelled."""
+    mog: MogConfig = field(default_factory=lambda: MogConfig())
+    """mog source: the mixture of Gaussians the real vectors are drawn from (``data.n`` vectors,
+    drawn with ``data.seed``; docs/design.md, "Mixture of Gaussians")."""
 
 
 @dataclass
@@ -358,3 +361,31 @@ class MetricsConfig:
     """Images per forward pass of these metrics (>= 1); does not change the values."""
     use_gpu: bool = False
     """Compute these metrics on CUDA (on the driver); an error where there is none."""
+
+
+@dataclass
+class MogConfig:
+    """A mixture of K Gaussians in d dimensions (``data.source=mog``): vector data, not images.
+
+    Each of ``weights``, ``means`` and ``covariances`` is given or, when null, drawn from ``seed``.
+    """
+
+    components: int = 2
+    """K, the number of components (>= 1)."""
+    dim: int = 2
+    """d, the dimension of the vectors (>= 1)."""
+    weights: list[float] | None = None
+    """K positive weights (normalised to sum 1); null = equal weights 1/K."""
+    means: list[list[float]] | None = None
+    """K means of d values each; null = drawn uniformly in [-spread, spread]^d."""
+    covariances: list[list[list[float]]] | None = None
+    """K symmetric positive-definite d x d matrices; null = random rotations of axis variances
+    drawn log-uniformly in [scale^2 / 4, scale^2]."""
+    spread: float = 1.0
+    """Half-width (> 0) of the box random means are drawn in."""
+    scale: float = 0.2
+    """Largest standard deviation (> 0) along an axis of a random covariance."""
+    seed: int = 0
+    """Seed of the random parameters (the samples use ``data.seed``)."""
+    mc_samples: int = 200000
+    """Monte Carlo samples (>= 1000) of the true entropy when K > 1 (K = 1 is closed form)."""

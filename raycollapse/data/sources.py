@@ -1,6 +1,7 @@
-"""Readers for the data sources of ``data/records.py`` (digits, CIFAR-10 batches, folder, Parquet).
+"""Readers for the data sources of ``data/records.py`` (digits, CIFAR-10 batches, folder, Parquet)
+and of ``data/vectors.py`` (mog: vectors drawn from a mixture of Gaussians).
 
-Each reader returns ``Records`` already prepared (channels, resolution) and subset (``data.n``).
+Each image reader returns ``Records`` already prepared (channels, resolution) and subset (``data.n``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 
 from raycollapse.config.schema import DataConfig
 from raycollapse.data.records import Records, TooSmall, prepare_checked, subset_order
+from raycollapse.data.vectors import VectorRecords, mog_records
 from raycollapse.errors import UserInputError
 from raycollapse.io.images import decode_value, list_image_files
 
@@ -240,14 +242,17 @@ def parquet_records(cfg: DataConfig) -> Records:
     )
 
 
-def load_records(cfg: DataConfig) -> Records:
-    """Read ``cfg`` (the ``data`` config section) into memory (see ``data/records.py``)."""
+def load_records(cfg: DataConfig) -> Records | VectorRecords:
+    """Read ``cfg`` (the ``data`` config section) into memory (see ``data/records.py``; the
+    ``mog`` source gives vectors, ``data/vectors.py``)."""
     if cfg.channels not in (1, 3):
         raise UserInputError(f"data.channels must be 1 or 3, got {cfg.channels}.")
     if cfg.resolution < 1:
         raise UserInputError(f"data.resolution must be >= 1, got {cfg.resolution}.")
     if cfg.source == "digits":
         return digits_records(cfg)
+    if cfg.source == "mog":
+        return mog_records(cfg)
     if cfg.path in (None, ""):
         raise UserInputError(
             f"data.source={cfg.source} needs data.path (a {PATH_HINTS[cfg.source]})."

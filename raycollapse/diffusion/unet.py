@@ -11,6 +11,10 @@ multiple of 32.
 ``(32, 64, 64)``, one ResNet layer per block, attention at the lowest resolution only. It trains
 to recognisable digits in a few minutes on two CPU cores (numbers in ``benchmarks/README.md``).
 
+``mlp`` is the vector preset (``data.source=mog``): ``diffusion.mlp.VectorDenoiser``, a small MLP
+with a sinusoidal time embedding (``MLPSpec``); its input dimension is the data's ``d``. It has
+no resolution; image sources cannot use it, and vector data can use nothing else.
+
 Class-conditional variants add an ``nn.Embedding(num_classes + 1, 4c)`` added to the time
 embedding; index ``num_classes`` is the *null* label used for label dropout and for the
 unconditional branch of classifier-free guidance (Ho & Salimans 2022).
@@ -52,7 +56,7 @@ def _paper_spec(c: int) -> UNetSpec:
     )
 
 
-PRESETS: dict[str, UNetSpec] = {
+UNET_PRESETS: dict[str, UNetSpec] = {
     # One ResNet layer per block and attention only at the lowest resolution (2x2 at 8x8): a
     # training step at batch 64 takes about 0.1 s on one CPU core (benchmarks/README.md, DDPM).
     "tiny": UNetSpec(
@@ -69,17 +73,59 @@ PRESETS: dict[str, UNetSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class MLPSpec:
+    """A vector preset: residual MLP blocks of ``hidden`` units, sinusoidal time embedding."""
+
+    hidden: int
+    depth: int
+    time_embed_dim: int
+
+
+# About 0.1 M parameters: a training step at batch 256 takes ~1 ms on one CPU core, so a 2-D or
+# 8-D mixture is fitted in a few seconds.
+VECTOR_PRESETS: dict[str, MLPSpec] = {"mlp": MLPSpec(hidden=128, depth=3, time_embed_dim=64)}
+# Every preset, in the order of ``config.schema.Preset``.
+PRESETS: dict[str, UNetSpec | MLPSpec] = {**UNET_PRESETS, **VECTOR_PRESETS}
+VECTOR_SOURCES = ("mog",)
+
+
+def is_vector_preset(preset: str) -> bool:
+    """Whether ``preset`` is a vector model (``VECTOR_PRESETS``) rather than a UNet."""
+    return preset in VECTOR_PRESETS
+
+
+def check_model_data(preset: str, source: str) -> None:
+    """Vector data need a vector preset and images a UNet preset (``UserInputError`` otherwise)."""
+    vector_data = source in VECTOR_SOURCES
+    if vector_data and not is_vector_preset(preset):
+        raise UserInputError(
+            f"data.source={source} gives vectors, which model preset '{preset}' (a UNet for images) "
+            f"cannot take; set model.preset to one of {', '.join(VECTOR_PRESETS)}."
+        )
+    if not vector_data and is_vector_preset(preset):
+        raise UserInputError(
+            f"model preset '{preset}' is for vector data (data.source={'|'.join(VECTOR_SOURCES)}); "
+            f"data.source={source} gives images: choose one of {', '.join(UNET_PRESETS)}."
+        )
+
+
 def get_spec(preset: str) -> UNetSpec:
     """The spec of a preset; a ``UserInputError`` listing the presets for an unknown name."""
-    if preset not in PRESETS:
+    if is_vector_preset(preset):
+        raise UserInputError(f"model preset '{preset}' is a vector model: it has no UNet spec.")
+    if preset not in UNET_PRESETS:
         raise UserInputError(
             f"unknown model preset '{preset}'; choose one of {', '.join(PRESETS)}."
         )
-    return PRESETS[preset]
+    return UNET_PRESETS[preset]
 
 
 def check_resolution(preset: str, resolution: int) -> None:
-    """Refuse a resolution the preset cannot downsample evenly (and one below 4 pixels)."""
+    """Refuse a resolution the preset cannot downsample evenly (and one below 4 pixels); vector
+    presets have no resolution."""
+    if is_vector_preset(preset):
+        return
     factor = get_spec(preset).downsample_factor
     if resolution < 4 or resolution % factor:
         raise UserInputError(
@@ -130,24 +176,73 @@ def build_unet(
     class_conditional: bool = False,
     num_classes: int = 10,
     seed: int | None = None,
+    dim: int | None = None,
 ):
-    """A freshly initialised ``UNet2DModel``; ``seed`` makes the initial weights reproducible."""
+    """A freshly initialised ``UNet2DModel`` (for ``mlp``: a ``VectorDenoiser`` of dimension
+    ``dim``; ``resolution`` and ``channels`` are then unused); ``seed`` makes the initial
+    weights reproducible."""
     import torch
-    from diffusers import UNet2DModel
 
-    kwargs = unet_kwargs(
-        preset,
-        resolution=resolution,
-        channels=channels,
-        class_conditional=class_conditional,
-        num_classes=num_classes,
-    )
+    if is_vector_preset(preset):
+        kwargs = mlp_kwargs(preset, dim=dim, class_conditional=class_conditional,
+                            num_classes=num_classes)  # fmt: skip
+    else:
+        kwargs = unet_kwargs(preset, resolution=resolution, channels=channels,
+                             class_conditional=class_conditional, num_classes=num_classes)  # fmt: skip
+    model_cls = model_class(preset)
     if seed is None:
-        return UNet2DModel(**kwargs)
+        return model_cls(**kwargs)
     # fork_rng: seed the initialisation without disturbing the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DModel(**kwargs)
+        return model_cls(**kwargs)
+
+
+def mlp_kwargs(
+    preset: str, *, dim: int | None, class_conditional: bool = False, num_classes: int = 10
+) -> dict:
+    """Keyword arguments of ``VectorDenoiser`` for a vector preset and data dimension ``dim``."""
+    spec = VECTOR_PRESETS[preset]
+    if dim is None or dim < 1:
+        raise UserInputError(f"model preset '{preset}' needs the data dimension d >= 1, got {dim}.")
+    kwargs: dict = dict(dim=int(dim), hidden=spec.hidden, depth=spec.depth,
+                        time_embed_dim=spec.time_embed_dim)  # fmt: skip
+    if class_conditional:
+        if num_classes < 1:
+            raise UserInputError(
+                f"model.num_classes must be >= 1 for a class-conditional model, got {num_classes}."
+            )
+        kwargs["num_class_embeds"] = num_classes + 1  # + the null label for guidance
+    return kwargs
+
+
+def model_class(preset: str):
+    """The diffusers model class of a preset: ``VectorDenoiser`` or ``UNet2DModel``."""
+    if is_vector_preset(preset):
+        from raycollapse.diffusion.mlp import VectorDenoiser
+
+        return VectorDenoiser
+    get_spec(preset)
+    from diffusers import UNet2DModel
+
+    return UNet2DModel
+
+
+def architecture_mismatch(model, meta: dict) -> str | None:
+    """The architecture of a loaded model (e.g. ``"widths, size, channels ((32, 64, 64), 8, 1)"``)
+    when it does not fit its checkpoint's ``meta`` (preset, resolution, channels), else ``None``.
+
+    UNets: widths, sample size and channels; vector models: the preset's widths (any ``dim``)."""
+    cfg = model.config
+    if is_vector_preset(meta["preset"]):
+        spec = VECTOR_PRESETS[meta["preset"]]
+        arch = (cfg.get("hidden"), cfg.get("depth"), cfg.get("time_embed_dim"))
+        ok = arch == (spec.hidden, spec.depth, spec.time_embed_dim)
+        return None if ok else f"hidden, depth, time_embed_dim {arch}"
+    spec = get_spec(meta["preset"])
+    arch = (tuple(cfg.block_out_channels), cfg.sample_size, cfg.in_channels)
+    ok = arch == (spec.block_out_channels, meta["resolution"], meta["channels"])
+    return None if ok else f"widths, size, channels {arch}"
 
 
 def count_parameters(model) -> int:

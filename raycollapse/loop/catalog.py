@@ -2,16 +2,29 @@
 
 Training sets are lists of such references; the catalog turns them into images and into
 embeddings in any feature space, reading each shard folder once.
+
+Vector data (``data/vectors.py``) go through the same calls: the "images" of a vector origin are
+its float32 ``N x d`` vectors (shards with a ``vector`` column), and a training set of vectors
+stores them in a ``vector`` column instead of PNG images.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from raycollapse.data.records import encode_png
+from raycollapse.data.vectors import (
+    VECTOR_COLUMN,
+    column_vectors,
+    is_vector_schema,
+    read_mog_meta,
+    vector_array,
+)
 from raycollapse.io import storage
 from raycollapse.io.parquet import read_embeddings, read_images
 from raycollapse.loop import layout
@@ -47,10 +60,23 @@ class Catalog:
         return layout.iter_path(self.run, int(origin.split("_")[1]), layout.EMBEDDINGS, features)
 
     def images(self, origin: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(ids, images, labels)`` of one origin, in id order."""
+        """``(ids, images, labels)`` of one origin, in id order (images: float32 ``N x d``
+        vectors for vector data)."""
         if origin not in self._images:
-            self._images[origin] = read_images(self.images_uri(origin), self.channels)
+            uri = self.images_uri(origin)
+            if self.holds_vectors(origin):
+                self._images[origin] = read_vectors(uri)
+            else:
+                self._images[origin] = read_images(uri, self.channels)
         return self._images[origin]
+
+    def holds_vectors(self, origin: str) -> bool:
+        """Whether the shards of ``origin`` hold vectors rather than images."""
+        return is_vector_schema(_first_schema(self.images_uri(origin)).names)
+
+    def mog_meta(self) -> dict[str, Any] | None:
+        """The mixture of the real data (``raycollapse.mog`` metadata), ``None`` for other data."""
+        return read_mog_meta(_first_schema(self.images_uri("real")).metadata)
 
     def embeddings(self, origin: str, features: str) -> tuple[np.ndarray, np.ndarray]:
         key = (origin, features)
@@ -98,12 +124,36 @@ def _group(refs: list[Ref]) -> list[tuple[str, np.ndarray]]:
     return [(o, np.asarray(ix, dtype=np.int64)) for o, ix in groups.items()]
 
 
+def _first_schema(uri: str) -> pa.Schema:
+    files = storage.list_files(uri)
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards under '{uri}'")
+    fs, path = storage.open_fs(files[0])
+    return pq.read_schema(path, filesystem=fs)
+
+
+def read_vectors(uri: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, float32 vectors N x d, labels with -1 for none)`` of a vector shard folder."""
+    files = storage.list_files(uri)
+    table = pa.concat_tables(
+        storage.read_parquet(f, columns=["id", VECTOR_COLUMN, "label"]) for f in files
+    ).sort_by("id")
+    ids = table.column("id").to_numpy().astype(np.int64)
+    labels = table.column("label").fill_null(-1).to_numpy().astype(np.int64)
+    return ids, column_vectors(table.column(VECTOR_COLUMN), uri), labels
+
+
 def train_set_table(refs: list[Ref], images: np.ndarray, labels: np.ndarray) -> pa.Table:
-    """A training set as Parquet rows ``{id, image, label, source, origin, origin_id}``."""
+    """A training set as Parquet rows ``{id, image, label, source, origin, origin_id}`` (for
+    vectors, float ``N x d``: ``vector`` instead of ``image``)."""
+    if images.ndim == 2:
+        data = {VECTOR_COLUMN: vector_array(images)}
+    else:
+        data = {"image": pa.array([encode_png(im) for im in images], pa.binary())}
     return pa.table(
         {
             "id": pa.array(np.arange(len(refs)), pa.int64()),
-            "image": pa.array([encode_png(im) for im in images], pa.binary()),
+            **data,
             "label": pa.array(labels, pa.int64(), mask=labels < 0),
             "source": pa.array([o for o, _ in refs], pa.string()),
             "origin": pa.array([o for o, _ in refs], pa.string()),

@@ -5,7 +5,10 @@ entropy of the training set, of the whole pool and of as many generated samples 
 set holds (the first pool ids, so the two compare); generalization score = mean distance from a
 generated sample to its nearest training sample; memorized fraction = share with d1 < d2/3;
 Fréchet distance to the real data per feature space; precision / recall / density / coverage
-(Naeem et al. 2020) against the real data.
+(Naeem et al. 2020) against the real data. Runs on a mixture of Gaussians (``data.source=mog``)
+add ``entropy_true``, the true entropy of the mixture the real data come from (docs/design.md,
+"Mixture of Gaussians"); their sample grid is a scatter plot of the real data, the training set
+and the pool (first two coordinates), and their nearest pairs hold vectors instead of images.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pyarrow as pa
 from raycollapse.curation.entropy import kl_entropy
 from raycollapse.curation.paradigms import lineage
 from raycollapse.data.records import encode_png
+from raycollapse.data.vectors import vector_array
 from raycollapse.io import storage
 from raycollapse.io.grids import image_grid
 from raycollapse.loop import layout
@@ -67,6 +71,9 @@ def iteration_metrics(
         if i == 0:
             row.update(prdc(real_x, pool_x, k=5))
     row["fid"] = row.get("fd_inception") if fid_available else None
+    mog = cat.mog_meta()
+    if mog is not None:
+        row["entropy_true"] = float(mog["entropy_true"])
     # Every origin so far gets a share (0 when absent) so lineage columns line up across rows.
     row.update({f"share_{o}": 0.0 for o in ["real", *(origin_of(k) for k in range(iteration))]})
     row.update(lineage([o for o, _ in train_refs]))
@@ -76,8 +83,20 @@ def iteration_metrics(
 
 
 def write_samples_png(cat: Catalog, iteration: int, uri: str) -> None:
-    """A grid of the first generated samples of the iteration."""
+    """A grid of the first generated samples of the iteration (vector data: a scatter plot of
+    the real data, the training set and the pool)."""
     _, images, _ = cat.images(origin_of(iteration))
+    if images.ndim == 2:
+        from raycollapse.loop.catalog import read_train_refs
+        from raycollapse.report.scatter import scatter_png
+
+        refs = read_train_refs(layout.iter_path(cat.run, iteration, layout.TRAIN_SET))
+        png = scatter_png(
+            cat.images("real")[1], cat.gather_images(refs)[0], images,
+            title=f"iteration {iteration}",
+        )  # fmt: skip
+        storage.write_bytes_atomic(uri, png)
+        return
     from PIL import Image
 
     grid = Image.fromarray(image_grid(images[:GRID_SAMPLES]))
@@ -102,14 +121,26 @@ def write_nearest(
     order = np.lexsort((d1, ratio))[:NEAREST_PAIRS]
     _, gen_images, _ = cat.images(gen)
     train_images, _ = cat.gather_images([train_refs[j] for j in nn.indices[order, 0]])
+    if gen_images.ndim == 2:  # vectors: no images to show, the vectors themselves instead
+        n = len(order)
+        pictures = {
+            "gen_image": pa.nulls(n, pa.binary()),
+            "train_image": pa.nulls(n, pa.binary()),
+            "gen_vector": vector_array(gen_images[order]),
+            "train_vector": vector_array(train_images),
+        }
+    else:
+        pictures = {
+            "gen_image": pa.array([encode_png(gen_images[i]) for i in order], pa.binary()),
+            "train_image": pa.array([encode_png(im) for im in train_images], pa.binary()),
+        }
     table = pa.table(
         {
             "gen_id": pa.array(gen_ids[order], pa.int64()),
             "train_id": pa.array(nn.indices[order, 0], pa.int64()),
             "d1": pa.array(d1[order], pa.float64()),
             "d2": pa.array(d2[order], pa.float64()),
-            "gen_image": pa.array([encode_png(gen_images[i]) for i in order], pa.binary()),
-            "train_image": pa.array([encode_png(im) for im in train_images], pa.binary()),
+            **pictures,
         }
     )
     storage.write_parquet_atomic(table, uri)

@@ -9,6 +9,9 @@ Two levels, both built on ``features.extractors`` (which holds all the model cod
   each written atomically by the actor that embedded it; the shard-job runner handles resume,
   scheduling, retries and errors as for generation.
 
+Vector shards (a ``vector`` column, ``data/vectors.py``) have one feature space, ``pixel``: the
+embedding of a vector is its raw values (:func:`vector_features`); other spaces are refused.
+
 Output columns: ``id`` (int64), ``embedding`` (``fixed_size_list<float32|float16>[dim]``) and
 ``label`` when the input has one. The Parquet schema metadata holds ``raycollapse.features``,
 ``raycollapse.dim`` and ``raycollapse.embedding`` (JSON: everything that determines the vectors),
@@ -116,6 +119,25 @@ def embed_images(extractor: Extractor, images: list[np.ndarray], batch_size: int
     return np.stack(results)  # type: ignore[arg-type]
 
 
+def vector_features(vectors: np.ndarray, features: dict[str, Any]) -> np.ndarray:
+    """Feature space ``pixel`` of vector data: the raw values (L2-normalised if asked), in the
+    embedding dtype (docs/design.md, "Mixture of Gaussians")."""
+    feats = np.asarray(vectors, dtype=np.float32)
+    if features["normalize"]:
+        feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), np.float32(1e-12))
+    return feats.astype(features["dtype"], copy=False)
+
+
+def check_vector_features(tasks: list[ShardTask], name: str) -> None:
+    """Vector data have one feature space, ``pixel`` (the raw values): refuse any other."""
+    if name != "pixel" and any(t.vectors for t in tasks):
+        raise UserInputError(
+            f"the input holds vectors (a 'vector' column), which have no {name} features: the "
+            "feature space of vector data is pixel (the raw values). Set features.name=pixel and "
+            "loop.metric_features=[pixel]."
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # The batch-level stage
 
@@ -198,7 +220,10 @@ class EmbedShardStage(ShardStage):
         ids_parts, emb_parts, label_parts = [], [], []
         for ids, images, labels in iter_shard(task, batch_size, self.image_column):
             ids_parts.append(ids)
-            emb_parts.append(embed_images(self.extractor, images, batch_size))
+            if task.vectors:
+                emb_parts.append(vector_features(images, self.features))
+            else:
+                emb_parts.append(embed_images(self.extractor, images, batch_size))
             if labels is not None:
                 label_parts.append(labels)
         if emb_parts and len({p.shape[1] for p in emb_parts}) > 1:
@@ -247,6 +272,7 @@ def plan_embedding(
     tasks = plan_shards(
         str(input_uri), str(out_uri), shard_rows=shard_rows, image_column=image_column
     )
+    check_vector_features(tasks, str(features["name"]))
     return ShardJob(stage, [t.to_item() for t in tasks], str(out_uri), int(actors))
 
 

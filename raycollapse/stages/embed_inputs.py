@@ -1,6 +1,7 @@
 """What the embedding stage reads: the input pool cut into shards, and a shard's mini-batches.
 
-INPUT is a folder (or URI) of Parquet image shards as ``raycollapse generate`` writes them, one
+INPUT is a folder (or URI) of Parquet image shards as ``raycollapse generate`` writes them (or
+of vector shards: a ``vector`` column and no image column, ``data/vectors.py``), one
 Parquet file, a ``.npy`` of images or a folder of image files. :func:`plan_shards` turns it into
 :class:`ShardTask` rows (one output shard each, deterministic names) before any work starts, so
 every bad input is an error naming the file; :func:`iter_shard` then streams one shard's images
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raycollapse.data.vectors import VECTOR_COLUMN, column_vectors, is_vector_schema
 from raycollapse.errors import UserInputError
 from raycollapse.io import storage
 from raycollapse.io.images import decode_column, list_image_files
@@ -43,6 +45,7 @@ class ShardTask:
     files: str = ""
     has_id: bool = False
     has_label: bool = False
+    vectors: bool = False  # a Parquet shard of vectors (``vector`` column) instead of images
 
     @property
     def rows(self) -> int:
@@ -62,6 +65,7 @@ class ShardTask:
         conv = {
             "kind": str, "source": str, "out": str, "files": str,
             "start": int, "stop": int, "offset": int, "has_id": bool, "has_label": bool,
+            "vectors": bool,
         }  # fmt: skip
         return cls(**{k: f(spec[k]) for k, f in conv.items()})
 
@@ -110,7 +114,8 @@ def plan_shards(
         except (pa.ArrowInvalid, OSError) as exc:
             raise UserInputError(f"cannot read Parquet shard '{shard}': {exc}") from None
         names = md.schema.to_arrow_schema().names
-        if image_column not in names:
+        vectors = image_column not in names and is_vector_schema(names)
+        if image_column not in names and not vectors:
             extra = (
                 " It already holds embeddings: use it directly with `raycollapse entropy` / `select`."
                 if "embedding" in names
@@ -126,7 +131,7 @@ def plan_shards(
         )
         has_id, has_label = "id" in names, "label" in names
         tasks.append(
-            ShardTask("parquet", shard, 0, md.num_rows, out, offset, "", has_id, has_label)
+            ShardTask("parquet", shard, 0, md.num_rows, out, offset, "", has_id, has_label, vectors)
         )
         offset += md.num_rows
     return tasks
@@ -165,7 +170,9 @@ def _plan_npy(path: Path, out_uri: str, shard_rows: int) -> list[ShardTask]:
 def iter_shard(
     task: ShardTask, batch_size: int, image_column: str = "image"
 ) -> Iterator[tuple[np.ndarray, list[np.ndarray], pa.Array | None]]:
-    """Mini-batches ``(ids, images, labels)`` of a shard; memory is one mini-batch of pixels."""
+    """Mini-batches ``(ids, images, labels)`` of a shard; memory is one mini-batch of pixels.
+
+    For a vector shard ``images`` is a float32 ``N x d`` array of the vectors."""
     if task.kind == "npy":
         arr = np.load(task.source, mmap_mode="r", allow_pickle=False)
         for lo in range(task.start, task.stop, batch_size):
@@ -185,6 +192,8 @@ def iter_shard(
             yield ids, decode_column([Path(f) for f in chunk]), None
         return
     fs, path = storage.open_fs(task.source)
+    if task.vectors:
+        image_column = VECTOR_COLUMN
     columns = (
         [image_column] + (["id"] if task.has_id else []) + (["label"] if task.has_label else [])
     )
@@ -193,7 +202,9 @@ def iter_shard(
         seen = 0
         for rb in pf.iter_batches(batch_size=batch_size, columns=columns):
             col = rb.column(image_column)
-            if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
+            if not task.vectors and not (
+                pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)
+            ):
                 raise UserInputError(
                     f"column '{image_column}' of '{task.source}' has type {col.type}; expected encoded "
                     "image bytes (PNG), as `raycollapse generate` writes them."
@@ -206,6 +217,9 @@ def iter_shard(
                 ids = id_col.to_numpy(zero_copy_only=False).astype(np.int64)
             else:
                 ids = np.arange(task.offset + seen, task.offset + seen + n, dtype=np.int64)
-            images = decode_column(col, name=task.source, first_row=seen)
+            if task.vectors:
+                images = column_vectors(col, task.source)
+            else:
+                images = decode_column(col, name=task.source, first_row=seen)
             yield ids, images, (rb.column("label") if task.has_label else None)
             seen += n

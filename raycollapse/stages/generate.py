@@ -8,7 +8,8 @@
   the shard job; ``generate_pool`` runs it (``stages.shard_job.run_shard_job``: resume, actor
   pool, retries) and returns metrics.
 
-Rows: ``id`` (int64, 0 … n−1), ``image`` (PNG bytes), ``label`` (nullable int64: null for an
+Rows: ``id`` (int64, 0 … n−1), ``image`` (PNG bytes; for a vector model (preset ``mlp``)
+``vector`` instead: ``list<float32>``, sampled by ``diffusion.vector_sampling``), ``label`` (nullable int64: null for an
 unconditional model), ``iteration`` (int64), ``seed`` (int64). The Parquet schema metadata holds
 ``raycollapse.generate`` (JSON: everything that determines the samples), which is how resume
 recognises a complete shard and refuses to mix two pools in one folder.
@@ -54,6 +55,9 @@ SCHEMA = pa.schema(
         ("iteration", pa.int64()),
         ("seed", pa.int64()),
     ]
+)
+VECTOR_SCHEMA = pa.schema(
+    [("vector", pa.list_(pa.float32())) if f.name == "image" else f for f in SCHEMA]
 )
 
 
@@ -141,12 +145,21 @@ class GenerateStage(ShardStage):
             guidance=self.sample["guidance"],
         )
 
+    @property
+    def vectors(self) -> bool:
+        """Whether the model is a vector model (float ``N x d`` samples, no images)."""
+        from raycollapse.diffusion.unet import is_vector_preset
+
+        return is_vector_preset(str(self.ckpt.meta["preset"]))
+
     def sample_ids(self, ids: np.ndarray) -> np.ndarray:
-        """uint8 ``N x H x W x C`` samples for these ids (the core sampler, aligned groups)."""
+        """uint8 ``N x H x W x C`` samples for these ids (the core sampler, aligned groups), or
+        float32 ``N x d`` for a vector model."""
         from raycollapse.diffusion.sampling import sample_images
+        from raycollapse.diffusion.vector_sampling import sample_vectors
 
         s = self.sample
-        return sample_images(
+        return (sample_vectors if self.vectors else sample_images)(
             self.ckpt.unet, self.ckpt.scheduler, ids, seed=self.seed, sampler=s["sampler"],
             steps=s["steps"], eta=s["eta"], labels_for=self.labels_for, guidance=s["guidance"],
             null_label=self.ckpt.null_label, group_size=s["group_size"], device=self.device,
@@ -155,20 +168,25 @@ class GenerateStage(ShardStage):
     def shard_table(self, id_start: int, id_end: int) -> pa.Table:
         """The rows of ids ``id_start … id_end−1`` as an Arrow table with the signature metadata."""
         from raycollapse.data.records import encode_png
+        from raycollapse.data.vectors import vector_array
 
         ids = np.arange(id_start, id_end, dtype=np.int64)
         images = self.sample_ids(ids)
         labels = self.labels_for(ids)
         n = len(ids)
+        if self.vectors:
+            data = {"vector": vector_array(images)}
+        else:
+            data = {"image": pa.array([encode_png(im) for im in images], pa.binary())}
         table = pa.table(
             {
                 "id": pa.array(ids, pa.int64()),
-                "image": pa.array([encode_png(im) for im in images], pa.binary()),
+                **data,
                 "label": pa.nulls(n, pa.int64()) if labels is None else pa.array(labels),
                 "iteration": pa.array(np.full(n, self.iteration, np.int64)),
                 "seed": pa.array(np.full(n, self.seed, np.int64)),
             },
-            schema=SCHEMA,
+            schema=VECTOR_SCHEMA if self.vectors else SCHEMA,
         )
         return table.replace_schema_metadata({META_KEY: json.dumps(self.signature, sort_keys=True)})
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from raycollapse.diffusion.unet import (
-    PRESETS,
+    UNET_PRESETS,
     build_unet,
     count_parameters,
     get_spec,
@@ -89,7 +89,7 @@ def _on_meta(preset, resolution, channels, class_conditional=False, num_classes=
         return UNet2DModel(**kwargs)
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", list(UNET_PRESETS))
 @pytest.mark.parametrize("class_conditional", [False, True])
 def test_parameter_count_matches_architecture(preset, class_conditional):
     channels, resolution = (1, 8) if preset == "tiny" else (3, 32)
