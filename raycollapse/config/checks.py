@@ -22,7 +22,7 @@ from raycollapse.config.schema import (
     TrainConfig,
 )
 from raycollapse.data.sources import PATH_HINTS
-from raycollapse.diffusion.unet import check_resolution
+from raycollapse.diffusion.unet import check_model_data, check_resolution
 from raycollapse.errors import UserInputError
 from raycollapse.features.weights import check_weights_available
 
@@ -100,7 +100,7 @@ def check_data(data: DataConfig) -> None:
         raise UserInputError(f"data.resolution must be >= 1, got {data.resolution}.")
     if data.n is not None and data.n < 1:
         raise UserInputError(f"data.n must be >= 1 (or null for all), got {data.n}.")
-    if data.source != "digits" and data.path in (None, ""):
+    if data.source not in ("digits", "mog") and data.path in (None, ""):
         raise UserInputError(
             f"data.source={data.source} needs data.path (a {PATH_HINTS[data.source]})."
         )
@@ -109,6 +109,7 @@ def check_data(data: DataConfig) -> None:
 def check_model(cfg: Config) -> None:
     """The preset must downsample ``data.resolution`` evenly; a conditional model needs classes."""
     check_resolution(cfg.model.preset, cfg.data.resolution)
+    check_model_data(cfg.model.preset, cfg.data.source)
     if cfg.model.class_conditional and cfg.model.num_classes < 1:
         raise UserInputError(
             "model.num_classes must be >= 1 for a class-conditional model, "

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from raycollapse.diffusion.unet import get_spec
+from raycollapse.diffusion.unet import architecture_mismatch, model_class
 from raycollapse.errors import UserInputError
 from raycollapse.io.atomic import atomic_dir, atomic_path
 
@@ -136,23 +136,21 @@ def load_checkpoint(
     folder: str | Path, *, expect: dict[str, Any] | None = None, device: str | torch.device = "cpu"
 ) -> Checkpoint:
     """Load a checkpoint (safetensors only) after checking it against ``expect`` (see ``model_meta``)."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
     root = Path(folder)
     meta = read_meta(root)
     check_match(meta, expect, str(root))
+    cls = model_class(meta["preset"])
     try:
-        unet = UNet2DModel.from_pretrained(
-            root / "unet", use_safetensors=True, low_cpu_mem_usage=False
-        )
+        unet = cls.from_pretrained(root / "unet", use_safetensors=True, low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
     except (OSError, ValueError) as exc:
         raise UserInputError(f"cannot load the model in checkpoint '{root}': {exc}") from None
-    spec = get_spec(meta["preset"])
-    arch = (tuple(unet.config.block_out_channels), unet.config.sample_size, unet.config.in_channels)
-    if arch != (spec.block_out_channels, meta["resolution"], meta["channels"]):
+    mismatch = architecture_mismatch(unet, meta)
+    if mismatch:
         raise UserInputError(
-            f"checkpoint '{root}': unet/config.json (widths, size, channels {arch}) does not match its "
+            f"checkpoint '{root}': unet/config.json ({mismatch}) does not match its "
             f"{META_FILE} (preset {meta['preset']}, resolution {meta['resolution']}, channels {meta['channels']})."
         )
     unet.to(device).eval()

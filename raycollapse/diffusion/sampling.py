@@ -118,7 +118,10 @@ def per_sample_randn(generators: list[torch.Generator], shape: tuple[int, ...]) 
 
 
 def images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 ``N x H x W x C`` -> float32 ``N x C x H x W`` in [-1, 1]."""
+    """uint8 ``N x H x W x C`` -> float32 ``N x C x H x W`` in [-1, 1]; float vectors ``N x d``
+    (vector data, docs/design.md, "Mixture of Gaussians") are taken as they are."""
+    if images.ndim == 2:
+        return torch.as_tensor(np.ascontiguousarray(images), dtype=torch.float32, device=device)
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 

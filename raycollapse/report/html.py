@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from raycollapse.report.collect import IterationData, NearestPair, RunData, config_value
 from raycollapse.report.correlation import X_METRIC, Y_METRIC, Correlation
 from raycollapse.report.plots import GROUPS, MetricPlot
+from raycollapse.report.scatter import mog_section
 
 # Config values shown in the runs table: (column title, dotted key).
 RUN_COLUMNS = (
@@ -234,6 +235,7 @@ def render(
         f"<h2 id='plots'>Metrics by iteration</h2>{_plots(plots)}",
         "<h2 id='samples'>Samples by iteration</h2>" + "".join(_samples(r) for r in runs),
         "<h2 id='memorized'>Most memorized samples</h2>" + "".join(_memorized(r) for r in runs),
+        mog_section(runs),  # "" unless a run is on a mixture of Gaussians
     ]
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

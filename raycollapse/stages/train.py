@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from raycollapse.data.records import Records
+from raycollapse.data.vectors import VECTOR_COLUMN
 from raycollapse.errors import UserInputError
 from raycollapse.io import storage
 from raycollapse.io.atomic import install_dir
@@ -109,7 +110,8 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
         model, scheduler = ckpt.unet, ckpt.scheduler
     else:
         model = build_unet(mc["preset"], resolution=dc["resolution"], channels=dc["channels"],
-                           class_conditional=mc["class_conditional"], num_classes=mc["num_classes"], seed=mc["seed"])  # fmt: skip
+                           class_conditional=mc["class_conditional"], num_classes=mc["num_classes"], seed=mc["seed"],
+                           dim=config["dim"])  # fmt: skip
         scheduler = make_scheduler(diff["num_train_timesteps"], diff["beta_start"], diff["beta_end"],
                                    diff["beta_schedule"])  # fmt: skip
     model = prepare_model(model, move_to_device=device)
@@ -255,6 +257,9 @@ def train_distributed(
         Resources(num_cpus=float(threads), num_gpus=1.0 if tc["use_gpu"] else 0.0), workers, "train"
     )
     ds, labels, source = training_dataset(train_uri_or_records)
+    # A vector model's width is the data's dimension (images: fixed by the config instead).
+    vector = VECTOR_COLUMN in ds.schema().names and len(labels) > 0
+    dim = len(ds.take(1)[0][VECTOR_COLUMN]) if vector else None
     if len(labels) < workers:
         raise UserInputError(
             f"the training set has {len(labels)} images, fewer than train.workers={workers}."
@@ -284,6 +289,7 @@ def train_distributed(
     config = {
         "cfg": c, "meta": meta, "init_from": init, "yaml": to_yaml(cfg),
         "data_info": {"source": source, "n": len(labels)}, "callbacks": list(callbacks),
+        "dim": dim,
         "stream": stream,
     }  # fmt: skip
     trainer = TorchTrainer(

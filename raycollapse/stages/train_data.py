@@ -11,6 +11,9 @@
   arrays, sorted by id, decoded and prepared to ``data.resolution`` / ``data.channels``.
 - ``ShardStream`` (worker): a shard too large for a worker's memory, streamed through a seeded
   shuffle buffer one epoch after another; its position is a checkpointable pair of integers.
+
+Vector training sets (a ``vector`` column instead of ``image``, ``data/vectors.py``) travel as
+they are: the worker gets float32 ``N x d`` arrays.
 """
 
 from __future__ import annotations
@@ -25,36 +28,50 @@ import pyarrow.parquet as pq
 import ray
 
 from raycollapse.data.records import Records
+from raycollapse.data.vectors import VECTOR_COLUMN, column_vectors, is_vector_schema
 from raycollapse.errors import UserInputError
 from raycollapse.io import storage
 from raycollapse.seeds import derive_rng, derive_seed
 
-_SCHEMA = pa.schema([("id", pa.int64()), ("image", pa.binary()), ("label", pa.int64())])
+_SCHEMAS = {
+    "image": pa.schema([("id", pa.int64()), ("image", pa.binary()), ("label", pa.int64())]),
+    VECTOR_COLUMN: pa.schema(
+        [("id", pa.int64()), (VECTOR_COLUMN, pa.list_(pa.float32())), ("label", pa.int64())]
+    ),
+}
 BYTES_PER_VALUE = 5
 """Memory of one decoded image value in the in-memory path: the uint8 array and its float32 copy."""
 
 
 def _normalise(batch: pa.Table) -> pa.Table:
-    """``{id, image, label}`` with the training schema; a missing label column becomes nulls."""
+    """``{id, image|vector, label}`` with the training schema; a missing label becomes nulls."""
     if "label" not in batch.column_names:
         batch = batch.append_column("label", pa.nulls(batch.num_rows, pa.int64()))
-    return batch.select(["id", "image", "label"]).cast(_SCHEMA)
+    value = VECTOR_COLUMN if VECTOR_COLUMN in batch.column_names else "image"
+    return batch.select(["id", value, "label"]).cast(_SCHEMAS[value])
 
 
-def _check_columns(files: list[str]) -> list[bool]:
-    """Whether each file has a label column; a file without ``id`` or ``image`` is refused.
+def _check_columns(files: list[str], source: str | Path) -> tuple[str, list[bool]]:
+    """The value column of the shards (``image`` or ``vector``) and whether each file has a label
+    column; a file without ``id`` and a value column, or a mix of both kinds, is refused.
     Reads the Parquet footers only."""
-    has_label = []
+    kinds, has_label = set(), []
     for f in files:
         fs, path = storage.open_fs(f)
         names = pq.read_schema(path, filesystem=fs).names
-        if "image" not in names or "id" not in names:
+        if "id" in names and is_vector_schema(names):
+            kinds.add(VECTOR_COLUMN)
+        elif "id" in names and "image" in names:
+            kinds.add("image")
+        else:
             raise UserInputError(
-                f"'{f}' needs 'id' and 'image' columns (it has: {', '.join(names)}); pass shards "
-                "written by `raycollapse generate` or the records schema."
+                f"'{f}' needs 'id' and 'image' (or '{VECTOR_COLUMN}') columns (it has: "
+                f"{', '.join(names)}); pass shards written by `raycollapse generate` or the records schema."
             )
         has_label.append("label" in names)
-    return has_label
+    if len(kinds) > 1:
+        raise UserInputError(f"training set '{source}' mixes image and vector shards.")
+    return kinds.pop(), has_label
 
 
 def _read(files: list[str], columns: list[str]) -> ray.data.Dataset:
@@ -86,12 +103,12 @@ def training_dataset(source: str | Path | Records) -> tuple[ray.data.Dataset, np
             f"training set '{source}' holds no Parquet files; pass a folder of shards written by "
             "`raycollapse generate` / the loop, or in-memory records."
         )
-    has_label = _check_columns(files)
+    value, has_label = _check_columns(files, source)
     # Files with and without labels are read apart: one read needs one schema.
     labelled = [f for f, h in zip(files, has_label, strict=True) if h]
     unlabelled = [f for f, h in zip(files, has_label, strict=True) if not h]
-    parts = [_read(labelled, ["id", "image", "label"])] if labelled else []
-    parts += [_read(unlabelled, ["id", "image"])] if unlabelled else []
+    parts = [_read(labelled, ["id", value, "label"])] if labelled else []
+    parts += [_read(unlabelled, ["id", value])] if unlabelled else []
     ds = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
     labels = [
         b.column("label").fill_null(-1).to_numpy()
@@ -123,6 +140,8 @@ def batch_to_arrays(
         if "label" in batch.column_names
         else np.full(len(ids), -1, np.int64)
     )
+    if VECTOR_COLUMN in batch.column_names:  # vectors: no decoding, no resizing
+        return ids, column_vectors(batch.column(VECTOR_COLUMN), "training set"), labels
     res, ch, small = int(data["resolution"]), int(data["channels"]), str(data["on_small"])
     names = [f"id {i}" for i in ids]
     keep, images = [], []
@@ -149,6 +168,7 @@ def read_shard(shard: Any, data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray
         batch_to_arrays(b, data)
         for b in shard.iter_batches(batch_size=4096, batch_format="pyarrow")
     ]
+    parts = [p for p in parts if len(p[0])] or parts[:1]  # an empty batch has no vector dimension
     ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
     images = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 1, 1, 1), np.uint8)
     labels = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)

@@ -135,8 +135,8 @@ def test_metric_features_are_typed():
 
 
 NAME_LISTS = {
-    "Source": ("digits", "cifar10", "folder", "parquet"),
-    "Preset": ("tiny", "unet32", "unet48", "unet64", "unet128"),
+    "Source": ("digits", "cifar10", "folder", "parquet", "mog"),
+    "Preset": ("tiny", "unet32", "unet48", "unet64", "unet128", "mlp"),
     "Sampler": ("ddim", "ddpm"),
     "Feature": ("pixel", "clip", "dinov2", "inception"),
     "SelectMethod": ("none", "random", "greedy", "threshold"),
@@ -163,7 +163,7 @@ def test_name_lists_are_the_literals_of_the_schema():
     assert sampling.SAMPLERS is schema.SAMPLERS
     assert paradigms.PARADIGMS is schema.PARADIGMS
     assert weights.EXTRACTORS is schema.FEATURE_NAMES
-    assert set(sources.PATH_HINTS) == set(schema.SOURCES) - {"digits"}
+    assert set(sources.PATH_HINTS) == set(schema.SOURCES) - {"digits", "mog"}
 
 
 def _string_sequences(tree: ast.AST):
