@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "run": "raycollapse.cli.run_cmd",
     "report": "raycollapse.cli.report_cmd",
     "sweep": "raycollapse.cli.sweep_cmd",
+    "config": "raycollapse.cli.config_cmd",
 }
 
 

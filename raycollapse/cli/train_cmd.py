@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         grad_clip=tc.grad_clip, mixed_precision=tc.mixed_precision, seed=tc.seed,
         class_conditional=mc.class_conditional, num_classes=mc.num_classes, label_dropout=mc.label_dropout,
         device=device, resume=resume, checkpoint=save_state, checkpoint_every=tc.checkpoint_every,
-        callbacks=[log_progress],
+        callbacks=[log_progress], adam_beta1=tc.adam_beta1, adam_beta2=tc.adam_beta2,
+        sample_from=tc.sample_from,
     )  # fmt: skip
     ema.copy_to(model)
     model.eval()

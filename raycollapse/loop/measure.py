@@ -30,6 +30,7 @@ from raycollapse.loop import layout
 from raycollapse.loop.catalog import Catalog, Ref, origin_of
 from raycollapse.metrics.distribution import frechet_distance, prdc
 from raycollapse.metrics.memorization import generalization_from_distances, memorized_from_distances
+from raycollapse.metrics.paper import paper_metrics
 from raycollapse.neighbors.knn import knn_search
 
 MEMORIZED_RATIO = 1.0 / 3.0
@@ -50,8 +51,10 @@ def iteration_metrics(
     k: int,
     eps: float,
     fid_available: bool,
+    paper: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The metrics row of ``iteration`` (timings are added by the loop)."""
+    """The metrics row of ``iteration`` (timings are added by the loop); ``paper``: the paper's
+    metric variants (``metrics.paper.paper_settings``), None = none."""
     gen = origin_of(iteration)
     row: dict[str, Any] = {"iteration": iteration, "train_size": len(train_refs)}
     for i, f in enumerate(features):
@@ -74,6 +77,9 @@ def iteration_metrics(
     mog = cat.mog_meta()
     if mog is not None:
         row["entropy_true"] = float(mog["entropy_true"])
+    if paper is not None:
+        row.update(paper_metrics(paper, generated=cat.images(gen)[1], train=cat.gather_images(train_refs)[0],
+                                 real=cat.images("real")[1], iteration=iteration))  # fmt: skip
     # Every origin so far gets a share (0 when absent) so lineage columns line up across rows.
     row.update({f"share_{o}": 0.0 for o in ["real", *(origin_of(k) for k in range(iteration))]})
     row.update(lineage([o for o, _ in train_refs]))

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from raycollapse.config import to_dict
 from raycollapse.config.checks import check_command, feature_spaces, pool_size
-from raycollapse.curation.paradigms import pick_fresh_real, plan_next
+from raycollapse.curation.paradigms import baseline_indices, pick_fresh_real, plan_next
 from raycollapse.curation.select import select
 from raycollapse.data.sources import load_records
 from raycollapse.errors import UserInputError
@@ -51,6 +51,7 @@ from raycollapse.loop.measure import (
     write_samples_png,
 )
 from raycollapse.loop.rundir import RunDir, config_digest
+from raycollapse.metrics.paper import paper_settings
 from raycollapse.seeds import derive_seed
 
 STAGES = ("train_set", "train", "generate", "embed", "metrics")
@@ -133,7 +134,9 @@ class Loop:
         seed = derived_seed(cfg.seed + sel.seed, t, "select")
         n = plan.n_select
         if sel.method in ("none", "random") or n == len(plan.candidates):
-            idx = select(len(plan.candidates), "random", n, seed=seed).indices
+            idx = baseline_indices(
+                plan.candidates, n, seed=seed, method=sel.method, shares=loop.accumulate_baseline
+            )
         else:
             x = self.cat.gather_embeddings(plan.candidates, sel_features(cfg))
             idx = select(x, sel.method, n, seed=seed, tau0=sel.tau0, decay=sel.decay).indices
@@ -211,6 +214,7 @@ class Loop:
         row = iteration_metrics(
             self.cat, t, refs, features=self.features, k=self.cfg.knn.k, eps=self.cfg.knn.eps,
             fid_available=fid_available(self.features, self.feature_cfg("inception")["pretrained"]),
+            paper=paper_settings(self.cfg),
         )  # fmt: skip
         for stage in STAGES[:-1]:
             info = self.rd.stage_info(t, stage)

@@ -21,7 +21,7 @@
   read back with ``weights_only=True``. Each rank then waits until Ray Train has committed the
   checkpoint, so a restarted worker group (``FailureConfig(max_failures)``) or a re-run with the
   same ``run_name`` resumes from the latest one reported.
-- The final checkpoint also holds ``model/`` (the EMA weights, ``save_checkpoint``); the driver
+- The final checkpoint also holds ``model/`` (the EMA or raw weights, ``train.sample_from``; ``save_checkpoint``); the driver
   copies it to ``out_checkpoint`` atomically. Copying on the driver (not writing from rank 0)
   works on a multi-node cluster, where rank 0 may run on another machine than the caller.
 
@@ -137,9 +137,9 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
                 shared = {k: v for k, v in full.items() if k not in rank_keys}
                 save_training_state(Path(d) / STATE_FILE, shared)
                 if final:
-                    state.ema.copy_to(
-                        model
-                    )  # training is over: the saved model holds the EMA weights
+                    # training is over: the saved model holds the EMA weights (train.sample_from=ema;
+                    # with raw the EMA is disabled and copy_to leaves the trained weights)
+                    state.ema.copy_to(model)
                     meta = {**config["meta"], "steps": steps, "workers": world, "data": config["data_info"],
                             "train": tc, "diffusion": diff}  # fmt: skip
                     save_checkpoint(Path(d) / MODEL_DIR, unwrap_model(model), scheduler,
@@ -178,6 +178,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
             class_conditional=cond, num_classes=mc["num_classes"], label_dropout=mc["label_dropout"],
             device=device, resume=resume, checkpoint=report, checkpoint_every=int(tc["checkpoint_every"]),
             all_reduce_loss=all_reduce_mean if world > 1 else None, callbacks=config["callbacks"],
+            adam_beta1=tc["adam_beta1"], adam_beta2=tc["adam_beta2"], sample_from=tc["sample_from"],
         )  # fmt: skip
     except TrainingDiverged as exc:  # every rank sees the same global loss: all return together
         return {"error": str(exc)}
