@@ -324,7 +324,7 @@ def test_training_dataset_reads_parquet_through_ray_data(tmp_path, ray_local, di
     np.testing.assert_array_equal(rows.column("label").fill_null(-1).to_numpy(), expect)
     np.testing.assert_array_equal(np.sort(labels), np.sort(expect))
     pq.write_table(table.slice(0, 4).drop_columns(["image"]), tmp_path / "pool" / "part-2.parquet")
-    with pytest.raises(UserInputError, match="needs 'id' and 'image' columns"):
+    with pytest.raises(UserInputError, match=r"needs 'id' and 'image' \(or 'vector'\) columns"):
         training_dataset(tmp_path / "pool")
 
 
