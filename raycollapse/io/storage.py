@@ -108,3 +108,9 @@ def read_parquet(uri: str | Path, columns: list[str] | None = None) -> pa.Table:
     """One Parquet file (or a folder pyarrow reads as one table), optionally some columns."""
     fs, path = open_fs(uri)
     return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def is_dir(uri: str | Path) -> bool:
+    """Whether ``uri`` is an existing folder."""
+    fs, path = open_fs(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
