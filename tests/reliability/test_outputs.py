@@ -168,3 +168,12 @@ def test_embed_refuses_an_output_of_other_images(tmp_path, ray_local, capsys):
     assert "holds other work" in _err(capsys)
     assert main(["embed", str(a), "--features", "pixel", "--out", str(a / "e")]) == 2
     assert "would destroy the input" in _err(capsys)
+
+
+def test_image_arrays_with_nan_or_complex_values_are_refused():
+    from raycollapse.io.images import decode_value
+
+    for bad, fragment in [(np.full((2, 2), np.nan), "NaN"), (np.ones((2, 2)) + 1j, "real numbers")]:
+        with pytest.raises(UserInputError, match=fragment):
+            decode_value(bad, name="row 3")
+    assert decode_value(np.full((2, 2), 0.5), name="ok").ravel().tolist() == [128] * 4
