@@ -194,7 +194,6 @@ def load_checkpoint(
     root = Path(folder)
     meta = read_meta(root)
     check_match(meta, expect, str(root))
-    verify_checksums(root)
     # else diffusers takes a missing folder for the name of a hub repository
     for part in ("unet/config.json", "scheduler/scheduler_config.json"):
         if not (root / part).is_file():
@@ -208,6 +207,7 @@ def load_checkpoint(
         )
         scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
     except (OSError, ValueError) as exc:
+        verify_checksums(root)  # a damaged file, named, explains the failure best
         raise UserInputError(f"cannot load the model in checkpoint '{root}': {exc}") from None
     spec = get_spec(meta["preset"])
     arch = (tuple(unet.config.block_out_channels), unet.config.sample_size, unet.config.in_channels)
@@ -216,6 +216,7 @@ def load_checkpoint(
             f"checkpoint '{root}': unet/config.json (widths, size, channels {arch}) does not match its "
             f"{META_FILE} (preset {meta['preset']}, resolution {meta['resolution']}, channels {meta['channels']})."
         )
+    verify_checksums(root)  # last: a mismatch found above says more than a checksum
     unet.to(device).eval()
     return Checkpoint(unet=unet, scheduler=scheduler, meta=meta, path=str(root))
 

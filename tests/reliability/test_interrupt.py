@@ -46,7 +46,7 @@ def test_ctrl_c_during_training_stops_the_run(tmp_path):
     sent = time.perf_counter()
     proc.send_signal(signal.SIGINT)
     try:
-        rest, _ = proc.communicate(timeout=60)  # swallowed, the run would go on training
+        _, rest = proc.communicate(timeout=60)  # swallowed, the run would go on training
     finally:
         proc.kill()
     code = proc.returncode

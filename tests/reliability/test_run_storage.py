@@ -142,7 +142,7 @@ def test_checkpoint_checksums(tmp_path):
         load_checkpoint(ckpt)
     weights.write_bytes(good)
     shutil.rmtree(ckpt / "scheduler")
-    with pytest.raises(UserInputError, match="scheduler_config.json. is missing"):
+    with pytest.raises(UserInputError, match="lacks scheduler/scheduler_config.json"):
         load_checkpoint(ckpt)
 
 
