@@ -45,3 +45,32 @@ def print_result(result: dict[str, Any], as_json: bool) -> None:
     for key, value in result.items():
         shown = f"{value:.6g}" if isinstance(value, float) else value
         print(f"{key:<{width}}  {shown}", file=sys.stdout)
+
+
+def add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: replace an existing output (refused without it)."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output (by default an existing output is refused)",
+    )
+
+
+def prepare_output(
+    out: str,
+    args: argparse.Namespace,
+    *,
+    inputs: tuple[str | None, ...] = (),
+    signature: dict[str, Any] | None = None,
+) -> bool:
+    """Check ``out`` before any work (``io.outputs.check_output``); with ``--overwrite`` and an
+    output folder that is not resumed, remove the old one now (a file is replaced atomically
+    when the new one is written). True when the command resumes ``out``."""
+    from raycollapse.io import storage
+    from raycollapse.io.outputs import check_output, clear_output
+
+    overwrite = bool(getattr(args, "overwrite", False))
+    resume = check_output(out, inputs=inputs, overwrite=overwrite, resume_signature=signature)
+    if overwrite and not resume and storage.is_dir(out):
+        clear_output(out)
+    return resume

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from raycollapse.cli.common import config_from_args, print_result
+from raycollapse.cli.common import add_overwrite_arg, config_from_args, prepare_output, print_result
 from raycollapse.cli.main import add_config_args
 from raycollapse.config.schema import FEATURE_NAMES
 
@@ -57,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=None, help="images per forward pass (features.batch_size)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_overwrite_arg(p)
     add_config_args(p)
     p.set_defaults(func=run)
 
@@ -72,17 +73,26 @@ def run(args: argparse.Namespace) -> int:
             "resources.embed_gpus_per_actor": args.gpus_per_actor,
         },
     )
+    from raycollapse.config import to_dict
+    from raycollapse.io.outputs import fingerprint, output_guard, write_signature
+
+    # The input's content is part of the work: an output made from other images is not resumed.
+    sig = {"input": fingerprint(args.input), "features": to_dict(cfg.features)}
+    sig["features"].pop("batch_size", None)
+    prepare_output(args.out, args, inputs=(args.input,), signature=sig)
     # Imported here: `raycollapse --help` and the other commands need not import Ray and torch.
     from raycollapse.stages.embed import embed_pool
 
-    result = embed_pool(
-        args.input,
-        args.out,
-        cfg.features,
-        actors=cfg.resources.embed_actors,
-        gpus_per_actor=cfg.resources.embed_gpus_per_actor,
-        cpus_per_actor=cfg.resources.cpus_per_actor,
-    )
+    with output_guard(args.out):
+        write_signature(args.out, sig)  # first: an interrupted run is resumed by the same command
+        result = embed_pool(
+            args.input,
+            args.out,
+            cfg.features,
+            actors=cfg.resources.embed_actors,
+            gpus_per_actor=cfg.resources.embed_gpus_per_actor,
+            cpus_per_actor=cfg.resources.cpus_per_actor,
+        )
     if not args.json:
         result.pop("node_ids", None)  # one line per node is noise in the human-readable output
     print_result(result, args.json)

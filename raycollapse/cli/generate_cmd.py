@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from raycollapse.cli.common import config_from_args, print_result
+from raycollapse.cli.common import add_overwrite_arg, config_from_args, print_result
 from raycollapse.cli.main import add_config_args
 from raycollapse.config.schema import SAMPLERS
-from raycollapse.errors import UserInputError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -77,14 +76,54 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--label", type=int, default=None, help="class of every sample (sample.label)")
     p.add_argument("--gpu", action="store_true", default=None, help="run on CUDA (sample.use_gpu)")
+    add_overwrite_arg(p)
     add_config_args(p)
     p.set_defaults(func=run)
 
 
-def _writer(out: str):
-    """``(kind, write(ids, images, labels, source), finish(all_images))`` for an OUT path."""
+def signature(checkpoint: str, cfg) -> dict:
+    """What determines the samples of a ``generate`` command: the checkpoint's content and the
+    sample settings (``out`` and ``use_gpu`` aside). A re-run resumes its output only when equal."""
+    from raycollapse.config import to_dict
+    from raycollapse.io.outputs import fingerprint
+
+    sample = {k: v for k, v in to_dict(cfg.sample).items() if k not in ("out", "use_gpu")}
+    return {"checkpoint": fingerprint(checkpoint), "sample": sample}
+
+
+def partial_dir(out: str) -> Path:
+    """The hidden folder a Parquet output grows in; renamed to ``out`` once complete, so an
+    interrupted command never leaves a folder that looks finished (a re-run resumes it)."""
+    p = Path(out)
+    return p.with_name(f".{p.name}.partial")
+
+
+def _prepare(out: str, args: argparse.Namespace, cfg, sig: dict) -> Path | None:
+    """Check ``out`` before any work; for Parquet, the folder to write shards into (the
+    partial folder, made ready with ``sig``), or None when ``out`` already holds this work."""
+    from raycollapse.cli.common import prepare_output
+    from raycollapse.io.outputs import clear_output, read_signature, write_signature
+
+    if prepare_output(out, args, inputs=(args.checkpoint,), signature=sig):
+        return None  # out is complete with the same signature (resume of finished work)
+    if out.endswith((".npy", ".png")):
+        return None
+    work = partial_dir(out)
+    if work.exists() and read_signature(work) != sig:
+        clear_output(work)  # our own leftover of other work
+    work.mkdir(parents=True, exist_ok=True)
+    write_signature(work, sig)
+    return work
+
+
+def _writer(out: str, work: Path | None):
+    """``(kind, write(ids, images, labels, source) or None, finish(all_images) or None,
+    done(ids) -> bool)`` for an OUT path; Parquet shards go to ``work``."""
     from raycollapse.io.atomic import atomic_path
     from raycollapse.io.grids import save_grid
+
+    def never(ids: np.ndarray) -> bool:
+        return False
 
     if out.endswith(".npy"):
 
@@ -92,29 +131,45 @@ def _writer(out: str):
             with atomic_path(out) as tmp:
                 np.save(tmp, images)
 
-        return "npy", None, finish
+        return "npy", None, finish, never
     if out.endswith(".png"):
 
         def finish_png(images: np.ndarray) -> None:
             with atomic_path(out) as tmp:
                 save_grid(images, str(tmp))
 
-        return "png", None, finish_png
+        return "png", None, finish_png, never
+    import pyarrow.parquet as pq
+
     from raycollapse.data.records import Records
     from raycollapse.io.storage import write_parquet_atomic
 
-    folder = Path(out)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise UserInputError(
-            f"--out '{out}' already exists and is not an empty folder; pass a new folder name."
-        )
+    folder = work if work is not None else Path(out)
+
+    def shard(ids: np.ndarray) -> Path:
+        return folder / f"part-{int(ids[0]):08d}.parquet"
+
+    def done(ids: np.ndarray) -> bool:
+        """A shard written before (an interrupted run of the same work) is kept."""
+        try:
+            return pq.read_metadata(shard(ids)).num_rows == len(ids)
+        except (OSError, ValueError):
+            return False
 
     def write(ids: np.ndarray, images: np.ndarray, labels: np.ndarray | None, source: str) -> None:
         lab = np.full(len(ids), -1, dtype=np.int64) if labels is None else labels
         table = Records(ids.astype(np.int64), images, lab, source).to_arrow_table()
-        write_parquet_atomic(table, str(folder / f"part-{int(ids[0]):08d}.parquet"))
+        write_parquet_atomic(table, str(shard(ids)))
 
-    return "parquet", write, None
+    return "parquet", write, None, done
+
+
+def _install(work: Path | None, out: str) -> None:
+    """Rename the complete partial folder onto ``out`` (its signature travels with it)."""
+    import os
+
+    if work is not None and not out.endswith((".npy", ".png")):
+        os.replace(work, out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,9 +183,21 @@ def run(args: argparse.Namespace) -> int:
             "resources.generate_gpus_per_actor": args.gpus_per_actor,
         },
     )  # fmt: skip
+    from raycollapse.diffusion.checkpoint import read_meta
+    from raycollapse.io.outputs import output_guard
+
     sc = cfg.sample
-    if args.actors is not None or args.gpus_per_actor is not None:
-        return _run_on_ray(args.checkpoint, cfg)
+    read_meta(args.checkpoint)  # a missing or foreign checkpoint is refused first
+    out = str(sc.out)
+    work = _prepare(out, args, cfg, signature(args.checkpoint, cfg))
+    with output_guard(out):
+        if args.actors is not None or args.gpus_per_actor is not None:
+            return _run_on_ray(args.checkpoint, cfg, work)
+        return _generate(args, cfg, work)
+
+
+def _generate(args: argparse.Namespace, cfg, work: Path | None) -> int:
+    sc = cfg.sample
     from raycollapse.diffusion.checkpoint import load_checkpoint
     from raycollapse.diffusion.sampling import resolve_labels, sample_images, sampling_scheduler
     from raycollapse.diffusion.train_parts import resolve_device
@@ -148,13 +215,15 @@ def run(args: argparse.Namespace) -> int:
 
     labels_for(np.zeros(1, dtype=np.int64))  # refuse guidance / label problems before any work
     steps = sampling_scheduler(ckpt.scheduler, sc.sampler, sc.steps).timesteps.numel()
-    kind, write, finish = _writer(str(sc.out))
+    kind, write, finish, done = _writer(str(sc.out), work)
     # Calls hold whole aligned groups, so no group is evaluated twice: batch_size rounds up to them.
     per_call = -(-sc.batch_size // sc.group_size) * sc.group_size
     source = f"generated:{Path(args.checkpoint).name}"
     chunks: list[np.ndarray] = []
     for start in range(0, sc.n, per_call):
         ids = np.arange(start, min(sc.n, start + per_call), dtype=np.int64)
+        if done(ids):
+            continue
         imgs = sample_images(
             ckpt.unet, ckpt.scheduler, ids, seed=sc.seed, sampler=sc.sampler, steps=sc.steps, eta=sc.eta,
             labels_for=labels_for, guidance=sc.guidance, null_label=ckpt.null_label,
@@ -167,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[generate] {ids[-1] + 1}/{sc.n} samples", file=sys.stderr, flush=True)
     if finish is not None:
         finish(np.concatenate(chunks))
+    _install(work, str(sc.out))
     seconds = time.perf_counter() - t0
     report = {
         "n": sc.n,
@@ -186,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_on_ray(checkpoint: str, cfg) -> int:
+def _run_on_ray(checkpoint: str, cfg, work: Path | None) -> int:
     """The Ray Data generation stage: same samples, actor pool, atomic shards."""
     import tempfile
 
@@ -215,7 +285,9 @@ def _run_on_ray(checkpoint: str, cfg) -> int:
         else:
             save_grid(images, out)
     else:
-        metrics = generate_pool(checkpoint, out, sc.n, **kwargs)
+        metrics = generate_pool(checkpoint, str(work or out), sc.n, **kwargs)
+        _install(work, out)
+        metrics["out"] = out
     print_result(
         {**metrics, "out": out, "format": Path(out).suffix.lstrip(".") or "parquet"}, as_json=True
     )

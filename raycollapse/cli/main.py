@@ -1,10 +1,12 @@
-"""The ``raycollapse`` command: one sub-command per module, user errors printed without traceback."""
+"""The ``raycollapse`` command: one sub-command per module, user errors printed without traceback
+(``--debug``, anywhere on the line, prints it too); Ctrl-C prints "interrupted" and exits 130."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 
 from raycollapse.errors import UserInputError
 
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raycollapse",
         description="Model collapse in diffusion models, and diversity-driven data curation, on Ray.",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of an error (any position)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS.values():
         try:
@@ -50,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     # argparse stops filling the trailing ``key=value`` positionals at the first flag, so
     # overrides written after flags arrive as unknown arguments: take those back.
     args, extra = parser.parse_known_args(argv)
@@ -63,10 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserInputError as exc:
+        if debug:
+            traceback.print_exc()
         print(f"raycollapse {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"raycollapse {args.command}: interrupted", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(
+            f"raycollapse {args.command}: interrupted; re-run the same command to resume.",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -26,9 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from raycollapse.cli.common import config_from_args, print_result
+from raycollapse.cli.common import add_overwrite_arg, config_from_args, prepare_output, print_result
 from raycollapse.cli.main import add_config_args
 from raycollapse.config import to_dict, to_yaml
+
+# train.* keys that do not change the trained model (a re-run with other values resumes)
+_NOT_RESULT = ("out", "log_every", "checkpoint_every", "cpu_threads", "max_failures", "sample_grid")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default=None, help="output folder (shorthand for train.out)")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps (train.steps)")
+    add_overwrite_arg(p)
     add_config_args(p)
     p.set_defaults(func=run)
 
@@ -47,8 +51,37 @@ def _log(msg: str) -> None:
     print(f"[train] {msg}", file=sys.stderr, flush=True)
 
 
+def signature(cfg) -> dict:
+    """Everything that determines the trained model: the data, model, diffusion and train
+    config (less the keys that only steer logging and checkpoint frequency) and checksums of
+    the data files and of the fine-tuning base. A re-run resumes ``train.out`` only when equal."""
+    from raycollapse.io.outputs import fingerprint
+
+    c = to_dict(cfg)
+    train = {k: v for k, v in c["train"].items() if k not in _NOT_RESULT}
+    return {
+        "data": c["data"], "model": c["model"], "diffusion": c["diffusion"], "train": train,
+        "data_checksum": fingerprint(c["data"]["path"]) if c["data"]["path"] else None,
+        "init_checksum": fingerprint(train["init_from"])
+        if train["init"] == "finetune" and train["init_from"] else None,
+    }  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
+    from raycollapse.io.outputs import output_guard, write_signature
+
     cfg = config_from_args(args, {"train.out": args.out, "train.steps": args.steps})
+    tc = cfg.train
+    sig = signature(cfg)
+    prepare_output(str(tc.out), args, inputs=(cfg.data.path, tc.init_from), signature=sig)
+    with output_guard(str(tc.out)):
+        storage_out = Path(tc.out)
+        storage_out.mkdir(parents=True, exist_ok=True)
+        write_signature(storage_out, sig)
+        return _train(cfg)
+
+
+def _train(cfg) -> int:
     from raycollapse.data.sources import load_records
     from raycollapse.diffusion.checkpoint import load_finetune_base, model_meta, save_checkpoint
     from raycollapse.diffusion.sampling import resolve_labels, sample_images, scheduler_from_config

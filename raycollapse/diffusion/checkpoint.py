@@ -7,6 +7,7 @@
 <ckpt>/raycollapse.json           preset, resolution, channels, class_conditional, num_classes,
                                   steps, data source, train and diffusion config
 <ckpt>/config.yaml                the resolved config of the run that wrote it
+<ckpt>/checksums.json             sha256 and size of every other file, verified on load
 ```
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash never leaves a
@@ -18,6 +19,7 @@ with ``torch.load(weights_only=True)`` (no pickled code).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from raycollapse.config.schema import DataConfig, ModelConfig
 
 META_FILE = "raycollapse.json"
+CHECKSUMS = "checksums.json"
 FORMAT_VERSION = 1
 MATCH_FIELDS = ("preset", "resolution", "channels", "class_conditional", "num_classes")
 
@@ -84,7 +87,57 @@ def save_checkpoint(
         )
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / CHECKSUMS).write_text(json.dumps(_checksums(tmp), indent=1, sort_keys=True))
     return str(target)
+
+
+def _checksums(root: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes", "sha256"}}`` of every file of a checkpoint folder."""
+    out = {}
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.name != CHECKSUMS:
+            h = hashlib.sha256()
+            with f.open("rb") as src:
+                while chunk := src.read(1 << 20):
+                    h.update(chunk)
+            out[f.relative_to(root).as_posix()] = {
+                "bytes": f.stat().st_size,
+                "sha256": h.hexdigest(),
+            }
+    return out
+
+
+def verify_checksums(folder: str | Path) -> None:
+    """Refuse a checkpoint whose files differ from its ``checksums.json`` (a missing, truncated
+    or changed file), naming the file. A checkpoint written before checksums existed (no such
+    file) is not checked."""
+    root = Path(folder)
+    listed = root / CHECKSUMS
+    if not listed.is_file():
+        return
+    try:
+        want = json.loads(listed.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserInputError(
+            f"'{listed}' is damaged ({exc}); the checkpoint cannot be trusted."
+        ) from None
+    got = _checksums(root)
+    for rel, entry in sorted(want.items()):
+        found = got.get(rel)
+        if found != entry:
+            what = (
+                "is missing"
+                if found is None
+                else (
+                    "is truncated or extended"
+                    if found["bytes"] != entry["bytes"]
+                    else "does not match its checksum"
+                )
+            )
+            raise UserInputError(
+                f"checkpoint '{root}': file '{rel}' {what} (corrupt or changed since it was "
+                "written); restore the checkpoint or train it again."
+            )
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -142,10 +195,18 @@ def load_checkpoint(
     meta = read_meta(root)
     check_match(meta, expect, str(root))
     cls = model_class(meta["preset"])
+    # else diffusers takes a missing folder for the name of a hub repository
+    for part in ("unet/config.json", "scheduler/scheduler_config.json"):
+        if not (root / part).is_file():
+            raise UserInputError(
+                f"checkpoint '{root}' lacks {part}; the checkpoint is incomplete "
+                "(restore it or train it again)."
+            )
     try:
         unet = cls.from_pretrained(root / "unet", use_safetensors=True, low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
     except (OSError, ValueError) as exc:
+        verify_checksums(root)  # a damaged file, named, explains the failure best
         raise UserInputError(f"cannot load the model in checkpoint '{root}': {exc}") from None
     mismatch = architecture_mismatch(unet, meta)
     if mismatch:
@@ -153,6 +214,7 @@ def load_checkpoint(
             f"checkpoint '{root}': unet/config.json ({mismatch}) does not match its "
             f"{META_FILE} (preset {meta['preset']}, resolution {meta['resolution']}, channels {meta['channels']})."
         )
+    verify_checksums(root)  # last: a mismatch found above says more than a checksum
     unet.to(device).eval()
     return Checkpoint(unet=unet, scheduler=scheduler, meta=meta, path=str(root))
 
@@ -185,9 +247,11 @@ def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """Read a training state with ``weights_only=True``: plain data and tensors, never code."""
+    import pickle
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
         raise UserInputError(
             f"cannot read training state '{path}': {exc}; delete it to start over."
         ) from None

@@ -79,7 +79,11 @@ def _array_image(value: Any, name: str) -> np.ndarray:
             raise UserInputError(
                 f"{name}: a flat image of {arr.size} values is not a square 1- or 3-channel image."
             )
+    if arr.dtype.kind not in "biuf":  # complex would lose its imaginary part; strings, dates
+        raise UserInputError(f"{name}: image arrays must hold real numbers, not {arr.dtype}.")
     if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise UserInputError(f"{name}: the image holds NaN or infinite values.")
         if arr.min() < 0 or arr.max() > 1:
             raise UserInputError(f"{name}: float image arrays must be in [0, 1].")
         arr = np.round(arr * 255)

@@ -54,7 +54,9 @@ def list_column_to_matrix(
 def _concat(uri: str, columns: list[str]) -> pa.Table:
     files = storage.list_files(uri)
     if not files:
-        raise FileNotFoundError(f"no Parquet shards under '{uri}'")
+        raise UserInputError(
+            f"no Parquet shards under '{uri}'; re-run the command (or stage) that writes them."
+        )
     table = pa.concat_tables(storage.read_parquet(f, columns=columns) for f in files)
     return table.sort_by("id")
 

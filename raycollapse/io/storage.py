@@ -105,6 +105,20 @@ def list_files(uri: str | Path, suffix: str = ".parquet") -> list[str]:
 
 
 def read_parquet(uri: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet file (or a folder pyarrow reads as one table), optionally some columns."""
+    """One Parquet file (or a folder pyarrow reads as one table), optionally some columns.
+
+    A truncated or damaged file, or a missing column, is a ``UserInputError`` naming the file."""
     fs, path = open_fs(uri)
-    return pq.read_table(path, columns=columns, filesystem=fs)
+    try:
+        return pq.read_table(path, columns=columns, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserInputError(
+            f"cannot read Parquet file '{uri}': {exc}. The file is damaged or incomplete: "
+            "replace it, or remove it and re-run the command that wrote it."
+        ) from None
+
+
+def is_dir(uri: str | Path) -> bool:
+    """Whether ``uri`` is an existing folder."""
+    fs, path = open_fs(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory

@@ -34,6 +34,8 @@ SAMPLES_PNG = "samples.png"
 NEAREST = "nearest.parquet"
 ITER_METRICS = "metrics.json"
 DONE = "_done"
+# the stages of every iteration, in order (iteration 0 also has stage "real" before them)
+STAGES = ("train_set", "train", "generate", "embed", "metrics")
 
 
 def iter_dir(run: str, iteration: int) -> str:

@@ -17,6 +17,7 @@ command resumes at the first unfinished stage; a finished run does nothing and s
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -34,7 +35,8 @@ from raycollapse.data.sources import load_records
 from raycollapse.errors import UserInputError
 from raycollapse.features.weights import check_weights_available
 from raycollapse.io import storage
-from raycollapse.loop import layout
+from raycollapse.io.lock import storage_lock
+from raycollapse.loop import layout, manifest
 from raycollapse.loop.catalog import (
     Catalog,
     Ref,
@@ -44,6 +46,8 @@ from raycollapse.loop.catalog import (
     train_set_table,
 )
 from raycollapse.loop.checks import check_real_size, check_writable
+from raycollapse.loop.interrupts import call_interruptible, restore_sigint
+from raycollapse.loop.layout import STAGES
 from raycollapse.loop.measure import (
     iteration_metrics,
     nearest_uri,
@@ -54,7 +58,6 @@ from raycollapse.loop.rundir import RunDir, config_digest
 from raycollapse.metrics.paper import paper_settings
 from raycollapse.seeds import derive_seed
 
-STAGES = ("train_set", "train", "generate", "embed", "metrics")
 _PURPOSE = {"subset": 1, "select": 2, "train": 3, "generate": 4}
 
 
@@ -276,6 +279,11 @@ def run_loop(
     ``until="ITER:STAGE"`` stops after that stage (e.g. ``1:generate``): the run stays resumable.
     ``on_iteration`` receives each iteration's metrics row, in order, once the iteration is done,
     iterations finished before a resume included (a sweep trial reports them again).
+
+    The storage is locked for the whole call (``io.lock.storage_lock``: a second run on it is
+    refused, naming the holder). On resume every finished stage's outputs are checked against
+    their manifest; a damaged stage is redone. A larger ``loop.iterations`` extends a finished
+    run; the run folder may have been moved or copied.
     """
     check_command(cfg, "run")
     stop_at = _parse_until(until, cfg.loop.iterations)
@@ -284,12 +292,31 @@ def run_loop(
             cfg, {"loop": {"storage": f"{cfg.loop.storage}-fork-{config_digest(to_dict(cfg))}"}}
         )
     rd = RunDir(str(cfg.loop.storage))
-    rows = rd.metrics() if rd.saved_config() is not None else []
-    rd_check = rd.saved_config()
-    if rd_check is not None:
-        rd.claim(cfg)  # refuses a changed config
+    existed = storage.exists(rd.path)
+    check_writable(rd.path)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with storage_lock(rd.path, "run"):
+            return _run(cfg, rd, stop_at, log, on_iteration, sigint)
+    finally:
+        if not existed and not storage.exists(rd.file(layout.CONFIG)):
+            rd.remove_if_empty()  # a refused new run leaves no folder behind
+
+
+def _run(
+    cfg: DictConfig,
+    rd: RunDir,
+    stop_at: tuple[int, str] | None,
+    log: Callable[[str], None],
+    on_iteration: Callable[[dict[str, Any]], None] | None,
+    sigint: Any,
+) -> str:
+    if rd.saved_config() is not None:
+        if rd.claim(cfg):  # refuses a changed config
+            log(f"run '{rd.path}': extended to {cfg.loop.iterations} iterations")
+        rows = rd.verify(cfg.loop.iterations, log)
         if len(rows) >= cfg.loop.iterations and all(
-            rd.is_done(t, "metrics") for t in range(cfg.loop.iterations)
+            rd.is_done(t, stage) for t in range(cfg.loop.iterations) for stage in STAGES
         ):
             log(
                 f"run '{rd.path}' already finished all {cfg.loop.iterations} iterations; nothing to do."
@@ -300,7 +327,6 @@ def run_loop(
             return rd.path
     real = load_records(cfg.data)
     check_real_size(cfg, len(real))
-    check_writable(rd.path)
     rd.claim(cfg)
     from raycollapse.stages.runtime import ensure_ray
 
@@ -309,10 +335,11 @@ def run_loop(
     log(
         f"run '{rd.path}': {cfg.loop.iterations} iterations, paradigm {cfg.loop.paradigm}, selection {cfg.select.method}"
     )
-    _do(loop, 0, "real", lambda: loop.stage_real(real))
+    _do(loop, 0, "real", lambda: loop.stage_real(real), sigint)
     for t in range(cfg.loop.iterations):
         for stage in STAGES:
-            _do(loop, t, stage, lambda t=t, stage=stage: getattr(loop, f"stage_{stage}")(t))
+            fn = getattr(loop, f"stage_{stage}")
+            _do(loop, t, stage, lambda t=t, fn=fn: fn(t), sigint)
             if stop_at == (t, stage):
                 log(f"stopped after iteration {t} stage {stage} (--until); re-run to continue.")
                 return rd.path
@@ -329,16 +356,20 @@ def run_loop(
     return rd.path
 
 
-def _do(loop: Loop, t: int, stage: str, fn: Callable[[], dict[str, Any]]) -> None:
+def _do(loop: Loop, t: int, stage: str, fn: Callable[[], dict[str, Any]], sigint: Any) -> None:
     if loop.rd.is_done(t, stage):
         loop.log(f"iteration {t} {stage}: done before, skipped")
         return
+    restore_sigint(sigint)  # should a library have taken Ctrl-C over in a stage before
     loop.log(f"iteration {t} {stage} ...")
     start = time.perf_counter()
-    info = fn() or {}
+    # Ray Train's fit() would replace the SIGINT handler: it runs in a helper thread.
+    info = (call_interruptible(fn) if stage == "train" else fn()) or {}
     seconds = time.perf_counter() - start
     keep = {k: v for k, v in info.items() if isinstance(v, int | float | str | bool) or v is None}
-    loop.rd.mark_done(t, stage, {**keep, "seconds": seconds})
+    # The manifest goes into the marker: written after the outputs, atomically, at once.
+    files = manifest.build(loop.run, t, stage)
+    loop.rd.mark_done(t, stage, {**keep, "seconds": seconds, "manifest": files})
     loop.log(f"iteration {t} {stage}: {seconds:.1f} s")
 
 

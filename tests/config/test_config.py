@@ -92,7 +92,15 @@ def test_diff_configs():
 
 def test_to_dict_takes_every_form_of_a_section():
     cfg = load_config(None, ["knn.k=9"])
-    expected_knn = {"k": 9, "eps": 1e-10, "batch_size": 65536, "shards": 1, "bootstrap": 0, "device": "cpu", "backend": "auto"}
+    expected_knn = {
+        "k": 9,
+        "eps": 1e-10,
+        "batch_size": 65536,
+        "shards": 1,
+        "bootstrap": 0,
+        "device": "cpu",
+        "backend": "auto",
+    }
     assert to_dict(cfg)["knn"] == expected_knn
     assert to_dict(cfg.knn) == expected_knn
     assert to_dict(KnnConfig(k=9)) == expected_knn
