@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raycollapse.cli.common import config_from_args, print_result
+from raycollapse.cli.common import add_overwrite_arg, config_from_args, prepare_output, print_result
 from raycollapse.cli.main import add_config_args
 from raycollapse.curation.entropy import kl_entropy
 from raycollapse.curation.select import select
@@ -56,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="threshold decay per pass, in (0, 1) (select.decay)",
     )
     p.add_argument("--out", required=True, help="where to write the indices: .npy or .parquet")
+    add_overwrite_arg(p)
     p.add_argument(
         "--shards",
         type=int,
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in OUT_SUFFIXES:
         raise UserInputError(f"--out '{out}' must end in .npy or .parquet.")
+    prepare_output(str(out), args, inputs=(args.input,))  # exists / is the input / unwritable
     if args.approximate and cfg.knn.shards == 1:
         raise UserInputError(
             "--approximate needs --shards S > 1 (the two-round greedy is per shard)"

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from raycollapse.errors import UserInputError
+from raycollapse.io import storage
 from raycollapse.io.images import decode_column, list_image_files
 from raycollapse.io.parquet import list_column_to_matrix
 
@@ -85,7 +85,7 @@ def _from_npy(p: Path) -> LoadedFeatures:
             f"cannot read '{p}' as a numeric .npy array ({exc}); save it with np.save of a numeric array."
         ) from None
     if arr.ndim == 2:
-        if not np.issubdtype(arr.dtype, np.number):
+        if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
             raise UserInputError(
                 f"'{p}' has non-numeric dtype {arr.dtype}; expected float embeddings."
             )
@@ -116,7 +116,7 @@ def _from_parquet(
             f"'{image_column}', or run `raycollapse embed` first."
         )
     wanted = [column] + (["id"] if "id" in names else [])
-    table = pa.concat_tables(pq.read_table(f, columns=wanted) for f in files)
+    table = pa.concat_tables(storage.read_parquet(str(f), columns=wanted) for f in files)
     values = table.column(column).combine_chunks()
     if kind == "embedding":
         feats = list_column_to_matrix(values, column, str(root))

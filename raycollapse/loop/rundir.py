@@ -32,6 +32,7 @@ from raycollapse.loop.manifest import remove_outputs, verify
 # (loop.storage: a run folder may be moved or copied and resumed there).
 NON_RESULT_KEYS = (
     "resources.", "knn.batch_size", "features.batch_size", "sample.batch_size", "loop.storage",
+    "tracking.", "select.device", "select.backend", "knn.device", "knn.backend",
 )  # fmt: skip
 
 

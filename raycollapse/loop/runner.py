@@ -142,7 +142,18 @@ class Loop:
             )
         else:
             x = self.cat.gather_embeddings(plan.candidates, sel_features(cfg))
-            idx = select(x, sel.method, n, seed=seed, tau0=sel.tau0, decay=sel.decay).indices
+            if cfg.knn.shards > 1:  # S actors, the same indices as the in-process selection
+                from raycollapse.stages.select_shards import select_sharded
+
+                idx = select_sharded(
+                    x, sel.method, n, shards=min(int(cfg.knn.shards), len(x)), seed=seed,
+                    tau0=sel.tau0, decay=sel.decay,
+                ).indices  # fmt: skip
+            else:
+                idx = select(
+                    x, sel.method, n, seed=seed, tau0=sel.tau0, decay=sel.decay,
+                    device=sel.device, backend=sel.backend,
+                ).indices  # fmt: skip
         refs = plan.keep + [plan.candidates[int(i)] for i in idx]
         if plan.n_fresh:
             used = {
@@ -327,10 +338,12 @@ def _run(
             return rd.path
     real = load_records(cfg.data)
     check_real_size(cfg, len(real))
-    rd.claim(cfg)
     from raycollapse.stages.runtime import ensure_ray
+    from raycollapse.stages.shared_storage import check_shared_storage
 
     ensure_ray()
+    check_shared_storage(rd.path)  # multi-node with a node-local folder: refused before any write
+    rd.claim(cfg)
     loop = Loop(cfg, rd, Catalog(rd.path, int(cfg.data.channels)), feature_spaces(cfg), log)
     log(
         f"run '{rd.path}': {cfg.loop.iterations} iterations, paradigm {cfg.loop.paradigm}, selection {cfg.select.method}"

@@ -109,7 +109,7 @@ def validate_run(path: str) -> None:
         raise UserInputError(f"cannot read run '{path}': {exc}. Check the path.") from None
     if not found:
         raise UserInputError(
-            f"run folder '{path}' does not exist; pass the folder a `raycollapse loop` run wrote "
+            f"run folder '{path}' does not exist; pass the folder a `raycollapse run` wrote "
             "(its loop.storage)."
         )
     if not (
@@ -118,7 +118,7 @@ def validate_run(path: str) -> None:
     ):
         raise UserInputError(
             f"'{path}' is not a run folder: it holds neither {layout.CONFIG} nor "
-            f"{layout.METRICS_JSON}; pass the folder a `raycollapse loop` run wrote."
+            f"{layout.METRICS_JSON}; pass the folder a `raycollapse run` wrote."
         )
 
 

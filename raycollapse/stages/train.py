@@ -46,6 +46,7 @@ from raycollapse.data.vectors import VECTOR_COLUMN
 from raycollapse.errors import UserInputError
 from raycollapse.io import storage
 from raycollapse.io.atomic import install_dir
+from raycollapse.io.outputs import fingerprint
 from raycollapse.stages.base import Resources, check_resources
 from raycollapse.stages.errors import raise_if_user_error
 from raycollapse.stages.runtime import ensure_ray
@@ -270,7 +271,8 @@ def train_distributed(
     stream = _streams(c, len(labels))
     root = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).absolute())
     identity = {"steps": tc["steps"], "batch_size": tc["batch_size"], "workers": workers, "seed": tc["seed"],
-                "n": len(labels), "preset": mc["preset"], "init": init}  # fmt: skip
+                "n": len(labels), "preset": mc["preset"],
+                "init": fingerprint(init) if init else None}  # fmt: skip
     if stream:  # a checkpoint's per-rank state differs between the two paths
         identity["stream_buffer"] = tc["stream_buffer"]
     run_file = storage.join(root, run_name, RUN_FILE)

@@ -30,6 +30,7 @@ from ray import tune
 from raycollapse.config import Config, to_dict
 from raycollapse.errors import UserInputError
 from raycollapse.io import storage
+from raycollapse.io.lock import storage_lock
 from raycollapse.loop.rundir import RunDir
 from raycollapse.sweeps import results as res
 from raycollapse.sweeps.config import SELECT_METRICS, Sweep, sweep_yaml, with_values
@@ -224,9 +225,18 @@ def run_sweep(sweep: Sweep, configs: list[Any], pool: np.ndarray | None) -> dict
     ``configs``: every loop config a trial can get (for the resource check); ``pool``: the
     select trials' embeddings.
     """
+    concurrency = max_concurrent(sweep, configs, ray.cluster_resources())
+    # A second sweep (or run) on the same storage is refused, naming the holder; trials lock
+    # their own run folders (<storage>/trials/<id>), so they do not conflict with this lock.
+    with storage_lock(sweep.storage, "sweep"):
+        return _run_sweep(sweep, configs, pool, concurrency)
+
+
+def _run_sweep(
+    sweep: Sweep, configs: list[Any], pool: np.ndarray | None, concurrency: int | None
+) -> dict[str, Any]:
     root = sweep.storage
     c = sweep.cfg
-    concurrency = max_concurrent(sweep, configs, ray.cluster_resources())
     _check_resume(root, sweep)
     if c.kind == "select":
         fn = tune.with_parameters(_select_trainable, sweep=sweep, pool=pool)

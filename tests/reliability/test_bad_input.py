@@ -75,8 +75,7 @@ ROWS = [
     ("npy-str", "entropy {d}/str.npy", 2, "non-numeric dtype"),
     ("npy-nan", "entropy {d}/nan.npy", 2, "NaN or infinite"),
     ("pq-nocol", "entropy {d}/nocol.parquet", 2, "neither an 'embedding' nor an 'image'"),
-    pytest.param(("pq-truncated", "entropy {d}/shards", 2, "b.parquet"), marks=pytest.mark.xfail(
-        strict=True, reason="data/inputs.py reads shards with pq.read_table: see notes/reliability.md")),
+    ("pq-truncated", "entropy {d}/shards", 2, "b.parquet"),
     ("data-missing", "train --out {o} data.source=folder data.path={d}/nowhere " + " ".join(TRAIN), 2, "does not exist"),
     ("data-empty", "train --out {o} data.source=folder data.path={d}/noimages " + " ".join(TRAIN), 2, "holds no image files"),
     ("data-corrupt", "train --out {o} data.source=folder data.path={d}/corrupt data.n=null " + " ".join(TRAIN[:2]), 2, "corrupt/a.png"),
