@@ -6,7 +6,8 @@
 # Keep the tag equal to the Ray version in pyproject.toml (tests/cluster/test_cluster_files.py).
 FROM rayproject/ray:2.60.0-py311-gpu
 
-WORKDIR /home/ray/raycollapse
+WORKDIR $HOME/raycollapse
+# ($HOME: the ray user's home, set by the base image's ENV)
 # Dependencies first (a layer that survives code edits), then the code.
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users raycollapse ./raycollapse

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from raycollapse.curation.approx import ApproxSpace
+from raycollapse.curation.approx import ApproxSpace, valid_prefix
 from raycollapse.errors import UserInputError
 from raycollapse.neighbors.compute import resolve_compute, torch_threads
 from raycollapse.neighbors.distances import pair_distances
@@ -132,21 +132,6 @@ def greedy_run(
         run = _Greedy(x, budget, threads)
         indices = run.run(first)
     return GreedyResult(indices, run.batches, run.pairs / (n * budget))
-
-
-def valid_prefix(sp: ApproxSpace, x: np.ndarray, top: np.ndarray, mt: np.ndarray) -> np.ndarray:
-    """The longest prefix of ``top`` (points in (-m, index) order, ``mt`` their m) whose
-    points are each at canonical distance >= their own m from the earlier ones: adding them
-    together takes the same greedy steps as adding them one by one (see :class:`_Greedy`)."""
-    xt, s2, s = sp.xa[top], sp.s2[top], sp.s[top]
-    e, f = sp.err(s[:, None], s[None, :])
-    lb = sp.lower(s2[:, None] + s2[None, :] - 2.0 * (xt @ xt.T), e, f)
-    bad = np.tril(lb < mt[:, None], -1)  # pair (j, i < j) not proven harmless
-    for j in np.flatnonzero(bad.any(axis=1)).tolist():
-        prev = top[:j][bad[j, :j]]
-        if (pair_distances(x[prev], x[top[j]]) < mt[j]).any():
-            return top[:j]
-    return top
 
 
 class _Greedy:

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from raycollapse.curation.approx import ApproxSpace
-from raycollapse.curation.greedy import valid_prefix
+from raycollapse.curation.approx import ApproxSpace, valid_prefix
 from raycollapse.neighbors.compute import Compute, canonical_distances, exact_matmul
 
 if TYPE_CHECKING:

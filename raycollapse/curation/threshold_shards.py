@@ -23,12 +23,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from raycollapse.curation.greedy import greedy_run
-from raycollapse.curation.threshold import (
-    ThresholdResult,
-    _Threshold,
-    duplicates_error,
-    passes_error,
-)
+from raycollapse.curation.threshold import ThresholdResult
+from raycollapse.curation.threshold_state import ThresholdState, duplicates_error, passes_error
 from raycollapse.neighbors.threads import blas_single_threaded
 from raycollapse.neighbors.validate import as_features
 from raycollapse.seeds import derive_seed
@@ -41,7 +37,7 @@ _SPAN0 = 4096  # positions of the first request
 _TARGET = 4096  # open rows per request the span adapts to
 
 
-class ThresholdShard(_Threshold):
+class ThresholdShard(ThresholdState):
     """One shard's threshold state: rows ``x`` are global rows ``offset`` .. of an ``n``-row
     pool; ``budget`` and ``seed`` as in :func:`~raycollapse.curation.threshold.threshold_select`."""
 
@@ -100,7 +96,7 @@ def _walk_open(opens: Sequence[Open], tau: float, left: int) -> tuple[np.ndarray
     idx = np.concatenate([o[1] for o in opens])[order]
     rows = np.concatenate([o[2] for o in opens])[order]
     with blas_single_threaded():
-        walk = _Threshold(rows, min(left, len(rows)))
+        walk = ThresholdState(rows, min(left, len(rows)))
         walk.walk(np.arange(len(rows)), tau)
     got = walk.acc[: walk.a]
     return idx[got], rows[got]

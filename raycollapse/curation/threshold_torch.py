@@ -1,7 +1,7 @@
 """Threshold decay with its matrix products in torch, on any device (CUDA or the CPU).
 
 The walk, the cached bounds and every decision are those of
-:class:`~raycollapse.curation.threshold._Threshold` (docs/design.md, "Threshold decay"); only
+:class:`~raycollapse.curation.threshold_state.ThresholdState` (docs/design.md, "Threshold decay"); only
 the two float32 products move to the device: candidates against the accepted points, and the
 conflicts inside a block. Their error bounds hold for any summation order, so the decisions,
 hence the accepted indices, are the CPU path's. Borderline cases are settled with the canonical
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from raycollapse.curation.threshold import _COLS, _Threshold
+from raycollapse.curation.threshold_state import _COLS, ThresholdState
 from raycollapse.neighbors.compute import Compute
 
 __all__ = ["TorchThreshold"]
 
 
-class TorchThreshold(_Threshold):
-    """:class:`_Threshold` whose products run on ``compute.device``. The centred rows live on
+class TorchThreshold(ThresholdState):
+    """:class:`ThresholdState` whose products run on ``compute.device``. The centred rows live on
     the device; accepted rows are uploaded in bulk when a product first needs them."""
 
     def __init__(self, x: np.ndarray, budget: int, compute: Compute) -> None:
