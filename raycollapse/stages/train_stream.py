@@ -94,14 +94,17 @@ def stream_train_loop(
     checkpoint_every: int,
     all_reduce_loss: Callable[[float], float] | None,
     callbacks: Sequence[Callable[[StreamState], None]] = (),
+    adam_beta1: float = 0.9,
+    adam_beta2: float = 0.999,
+    sample_from: str = "ema",
 ) -> tuple[EMA, TrainResult]:
     """``diffusion.trainer.train_loop`` with its batches read from ``stream`` (see the module
     docstring); the arguments mean the same (the driver has checked the labels)."""
     amp = autocast_dtype(mixed_precision, device)
     model.to(device)
-    optimizer = make_optimizer(model, lr, weight_decay)
+    optimizer = make_optimizer(model, lr, weight_decay, (adam_beta1, adam_beta2))
     state = StreamState(
-        model=model, ema=EMA(model, ema_decay), optimizer=optimizer,
+        model=model, ema=EMA(model, ema_decay, enabled=sample_from == "ema"), optimizer=optimizer,
         schedule=make_lr_schedule(optimizer, warmup_steps, steps),
         scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
         generator=torch.Generator(device=device).manual_seed(seed), stream=stream,
