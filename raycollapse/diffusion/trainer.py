@@ -110,6 +110,7 @@ class TrainState:
     stream: IndexStream
     losses: list[float] = field(default_factory=list, repr=False)
     step: int = 0
+    rank_keys: tuple[str, ...] = RANK_KEYS
 
     def state_dict(self) -> dict[str, Any]:
         """Weights, EMA, optimiser, schedule, scaler, losses and (``RANK_KEYS``) the RNG states."""
@@ -117,10 +118,19 @@ class TrainState:
             "step": self.step, "model": unwrap_model(self.model).state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "losses": self.losses, "generator": self.generator.get_state(),
+            "losses": self.losses, "generator": self.generator.get_state(), **self.stream_state(),
+        }  # fmt: skip
+
+    def stream_state(self) -> dict[str, Any]:
+        """The index stream's part of ``state_dict()`` (per rank, with ``generator``)."""
+        return {
             "stream_rng": self.stream.rng.bit_generator.state,
             "stream_buffer": torch.from_numpy(self.stream.buffer.copy()),
-        }  # fmt: skip
+        }
+
+    def load_stream(self, state: dict[str, Any]) -> None:
+        self.stream.rng.bit_generator.state = state["stream_rng"]
+        self.stream.buffer = state["stream_buffer"].numpy()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a ``state_dict()``; without ``RANK_KEYS`` the fresh RNG streams are kept."""
@@ -131,10 +141,9 @@ class TrainState:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.losses, self.step = [float(x) for x in state["losses"]], int(state["step"])
-        if all(k in state for k in RANK_KEYS):
+        if all(k in state for k in self.rank_keys):
             self.generator.set_state(state["generator"])
-            self.stream.rng.bit_generator.state = state["stream_rng"]
-            self.stream.buffer = state["stream_buffer"].numpy()
+            self.load_stream(state)
 
 
 StepCallback = Callable[[TrainState], None]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,51 +24,26 @@ from raycollapse.diffusion.train_parts import (
     autocast_dtype,
     make_lr_schedule,
     make_optimizer,
-    unwrap_model,
 )
-from raycollapse.diffusion.trainer import TrainingDiverged, TrainResult, train_step
+from raycollapse.diffusion.trainer import TrainingDiverged, TrainResult, TrainState, train_step
 from raycollapse.stages.train_data import ShardStream
 
 STREAM_RANK_KEYS = ("generator", "stream_position")
 
 
 @dataclass
-class StreamState:
-    """The live objects of a streamed training run; ``state_dict()`` is what a checkpoint stores
-    (the keys of ``diffusion.trainer.TrainState`` with ``STREAM_RANK_KEYS`` as the per-rank part)."""
+class StreamState(TrainState):
+    """``diffusion.trainer.TrainState`` of a streamed run: its per-rank part is the generator and
+    the stream's position (``STREAM_RANK_KEYS``)."""
 
-    model: torch.nn.Module
-    ema: EMA
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    generator: torch.Generator
-    stream: ShardStream
-    losses: list[float] = field(default_factory=list, repr=False)
-    step: int = 0
+    stream: ShardStream  # type: ignore[assignment]
     rank_keys: tuple[str, ...] = STREAM_RANK_KEYS
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step, "model": unwrap_model(self.model).state_dict(), "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "losses": self.losses, "generator": self.generator.get_state(),
-            "stream_position": torch.tensor(self.stream.position, dtype=torch.int64),
-        }  # fmt: skip
+    def stream_state(self) -> dict[str, Any]:
+        return {"stream_position": torch.tensor(self.stream.position, dtype=torch.int64)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict()``; without ``STREAM_RANK_KEYS`` the fresh streams are kept."""
-        unwrap_model(self.model).load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.losses, self.step = [float(x) for x in state["losses"]], int(state["step"])
-        if all(k in state for k in STREAM_RANK_KEYS):
-            self.generator.set_state(state["generator"])
-            self.stream.seek(*state["stream_position"].tolist())
+    def load_stream(self, state: dict[str, Any]) -> None:
+        self.stream.seek(*state["stream_position"].tolist())
 
 
 def stream_train_loop(
