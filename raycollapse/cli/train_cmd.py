@@ -8,7 +8,7 @@ Writes, under ``train.out``:
 - ``train_state.pt`` while training (every ``train.checkpoint_every`` steps); a re-run of the same
   command resumes from it, and it is removed once the checkpoint is written.
 
-With ``train.workers=W > 1`` (or ``train.use_gpu=true``) training runs on Ray Train
+With ``train.launcher=ray`` (``auto``: ``train.workers=W > 1`` or ``train.use_gpu=true``) training runs on Ray Train
 (``raycollapse.stages.train``: ``TorchTrainer``, DDP, one Ray Data shard per worker, checkpoints
 every ``train.checkpoint_every`` steps under ``train.out/ray``; re-running resumes from them).
 One worker on a CPU runs in this process: the same ``train_loop``, no Ray start-up.
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(cfg) -> int:
+    from raycollapse.config.checks import resolve_launcher
     from raycollapse.data.sources import load_records
     from raycollapse.diffusion.checkpoint import load_finetune_base, model_meta, save_checkpoint
     from raycollapse.diffusion.sampling import resolve_labels, sample_images, scheduler_from_config
@@ -92,7 +93,7 @@ def _train(cfg) -> int:
 
     t0 = time.perf_counter()
     tc, mc, dc = cfg.train, cfg.model, cfg.data
-    if tc.workers > 1 or tc.use_gpu:
+    if resolve_launcher(tc) == "ray":
         return _run_on_ray(cfg, t0)
     device = resolve_device(tc.use_gpu)
     if tc.cpu_threads is not None:

@@ -130,6 +130,20 @@ def check_diffusion(diffusion: DiffusionConfig) -> None:
         )
 
 
+def resolve_launcher(train: TrainConfig) -> str:
+    """``ray`` or ``process``: where ``train`` trains (``train.launcher``; auto = process for one
+    worker without a GPU; the loop's stage also sends a set above ``train.in_memory_gb`` to Ray)."""
+    launcher = str(train.launcher)
+    if launcher == "auto":
+        return "process" if int(train.workers) == 1 and not bool(train.use_gpu) else "ray"
+    if launcher == "process" and int(train.workers) != 1:
+        raise UserInputError(
+            f"train.launcher=process trains one worker in this process; got train.workers="
+            f"{train.workers}. Use train.launcher=ray (or auto) for several Ray Train workers."
+        )
+    return launcher
+
+
 def check_train(train: TrainConfig, *, init_from_required: bool) -> None:
     """Steps, batch over workers, optimiser, EMA, threads, precision and the fine-tuning source.
 
@@ -147,6 +161,7 @@ def check_train(train: TrainConfig, *, init_from_required: bool) -> None:
             f"train.batch_size={train.batch_size} is smaller than train.workers={train.workers}; "
             "each worker takes batch_size // workers images per step: raise train.batch_size."
         )
+    resolve_launcher(train)
     if train.lr <= 0:
         raise UserInputError(f"train.lr must be > 0, got {train.lr}.")
     if not 0.0 <= train.ema_decay < 1.0:
@@ -269,8 +284,10 @@ def check_resources(resources: ResourcesConfig) -> None:
     for stage in ("generate", "embed"):
         actors = getattr(resources, f"{stage}_actors")
         gpus = getattr(resources, f"{stage}_gpus_per_actor")
-        if actors < 1:
-            raise UserInputError(f"resources.{stage}_actors must be >= 1, got {actors}.")
+        if actors < 0:
+            raise UserInputError(
+                f"resources.{stage}_actors must be >= 0 (0: in the driver's process), got {actors}."
+            )
         if gpus < 0:
             raise UserInputError(f"resources.{stage}_gpus_per_actor must be >= 0, got {gpus}.")
     if resources.cpus_per_actor <= 0:

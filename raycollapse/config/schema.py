@@ -21,6 +21,7 @@ Paradigm = Literal["replace", "accumulate", "accumulate_all", "fresh"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Init = Literal["scratch", "finetune"]
 ComputeBackend = Literal["auto", "numpy", "torch"]
+Launcher = Literal["auto", "ray", "process"]
 
 SOURCES: tuple[str, ...] = get_args(Source)
 PRESET_NAMES: tuple[str, ...] = get_args(Preset)
@@ -124,7 +125,13 @@ class TrainConfig:
     out: str = "runs/train"
     """Output folder of ``raycollapse train``."""
     workers: int = 1
-    """Ray Train workers (DDP), >= 1; 1 on a CPU trains in the calling process."""
+    """Ray Train workers (DDP), >= 1 (train.launcher=auto: one worker on a CPU trains in the
+    calling process)."""
+    launcher: Launcher = "auto"
+    """Where training runs: ray (Ray Train's TorchTrainer, DDP over train.workers), process (the
+    same training loop in the calling process: one worker, no Ray start-up, ~20 s less per train
+    stage on a laptop) or auto (process for one worker without a GPU, else ray). One worker
+    trains the same weights either way (docs/design.md, "Training")."""
     use_gpu: bool = False
     """One GPU per worker; an error where CUDA is missing."""
     cpu_threads: int | None = None
@@ -251,11 +258,13 @@ class ResourcesConfig:
     """Ray resources per stage. GPUs are requested, never silently replaced by CPUs."""
 
     generate_actors: int = 1
-    """Actors of the generation stage (>= 1)."""
+    """Actors of the generation stage (>= 1); 0 runs it in the driver's process
+    (no Ray Data start-up, the same shards; for pools of seconds, like the MoG laboratory)."""
     generate_gpus_per_actor: float = 0.0
     """GPUs per generation actor (>= 0; fractions share a GPU)."""
     embed_actors: int = 1
-    """Actors of the embedding stage (>= 1)."""
+    """Actors of the embedding stage (>= 1); 0 runs it in the driver's process
+    (no Ray Data start-up, the same shards; for pools of seconds, like the MoG laboratory)."""
     embed_gpus_per_actor: float = 0.0
     """GPUs per embedding actor (>= 0; fractions share a GPU)."""
     cpus_per_actor: float = 1.0

@@ -33,6 +33,7 @@ from raycollapse.loop.manifest import remove_outputs, verify
 NON_RESULT_KEYS = (
     "resources.", "knn.batch_size", "features.batch_size", "sample.batch_size", "loop.storage",
     "tracking.", "select.device", "select.backend", "knn.device", "knn.backend",
+    "train.launcher",
 )  # fmt: skip
 
 

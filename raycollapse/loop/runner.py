@@ -169,7 +169,7 @@ class Loop:
         return refs
 
     def stage_train(self, t: int) -> dict[str, Any]:
-        from raycollapse.stages.train import train_distributed
+        from raycollapse.stages.train_local import run_training
 
         # Iteration 0 always starts from scratch; later ones fine-tune the previous model if asked.
         finetune = self.cfg.train.init == "finetune" and t > 0
@@ -185,7 +185,7 @@ class Loop:
         init_from = self.path(t - 1, layout.MODEL) if finetune else None
         fs, base = storage.open_fs(storage.join(self.run, "ray_train"))
         storage_path = storage.join(self.run, "ray_train") if "://" in self.run else base
-        return train_distributed(
+        return run_training(
             cfg,
             self.path(t, layout.TRAIN_SET),
             self.path(t, layout.MODEL),

@@ -131,8 +131,10 @@ def check_resources(resources: Resources, count: int, name: str) -> None:
     Checks the running cluster: one worker's CPUs and GPUs must fit on some node, and all
     workers together must fit in the cluster's totals. ``name`` starts the messages.
     """
-    if count < 1:
-        raise UserInputError(f"{name}: actors must be >= 1, got {count}.")
+    if count < 0:
+        raise UserInputError(f"{name}: actors must be >= 0, got {count}.")
+    if count == 0:  # the calling process runs it (a GPU there is checked by worker_device)
+        return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     per_node = [n.get("Resources", {}) for n in nodes]
     for resource, need in (("GPU", resources.num_gpus), ("CPU", resources.num_cpus)):

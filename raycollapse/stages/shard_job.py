@@ -13,6 +13,8 @@ the rest, the same way for both:
 - errors: a ``UserInputError`` in ``setup`` or in a shard comes back as the ``error`` of its
   status (Ray Data would drop the exception's type and message on the way to the driver) and is
   raised on the driver with the user's message, once; shards finished before it stay on disk;
+- in process: ``actors=0`` runs the shards in the calling process instead (no Ray Data, no actor
+  start-up: for pools of seconds, the MoG laboratory), with the same files as a result;
 - retries: an actor lost for good (``ray.kill`` without restart, a lost node) fails the Ray Data
   job with ``RayActorError``; the runner then runs the job again for the shards not yet on disk,
   ``STAGE_RETRIES`` times at most. Actors that crash are restarted by Ray Data itself (its pool
@@ -269,6 +271,32 @@ def _placeable(resources: Resources, wanted: int) -> int:
     return max(1, n)
 
 
+def _run_in_process(
+    stage: ShardStage, todo: list[dict[str, Any]], statuses: list[ShardStatus]
+) -> None:
+    """``todo`` in the calling process, as one actor of the stage's resources would write it:
+    ``setup`` once, one shard per call, torch with the threads Ray gives such an actor
+    (``OMP_NUM_THREADS``: its CPUs rounded down, at least 1), so the shards are the same files.
+    Raises the first shard's UserInputError, once (shards written before it stay)."""
+    import math
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, math.floor(stage.resources.num_cpus)))
+    try:
+        stage.setup()
+        for spec in todo:
+            batch = {k: np.asarray([spec[k]]) for k in stage.inputs()}
+            out = stage.process_batch(batch)
+            status = ShardStatus.decode({k: out[k][0] for k in ShardStatus.columns()})
+            if status.error:
+                raise UserInputError(status.error)
+            statuses.append(status)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _run_once(
     stage: ShardStage,
     todo: list[dict[str, Any]],
@@ -307,6 +335,10 @@ def run_shard_job(job: ShardJob) -> ShardJobResult:
     start = time.perf_counter()
     if todo:
         storage.makedirs(job.out)
+    if int(job.actors) == 0:  # in this process: no Ray Data, no actor start-up
+        _run_in_process(job.stage, todo, statuses)
+        todo = []
+        actors = 0
     min_actors = actors  # the whole pool, the first time
     while todo:
         try:

@@ -37,6 +37,7 @@ TINY = [
     "data.n=64", "train.steps=4", "train.batch_size=8", "train.warmup_steps=1",
     "train.cpu_threads=1", "sample.steps=2", "sample.group_size=16", "sample.batch_size=32",
     "knn.k=2", "loop.iterations=1", "loop.train_size=16", "loop.pool_multiple=2",
+    "train.launcher=ray",  # training on the cluster's nodes (Ray Train), not in the driver
 ]  # fmt: skip
 
 
@@ -172,6 +173,7 @@ def test_job_submit_runs_the_loop_on_two_nodes(cluster):
     res = cluster.submit("raycollapse", "run", "configs/smoke.yaml", *TINY, f"loop.storage={run}")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "succeeded" in res.stdout
+    assert list((run / "ray_train" / "iter_000").glob("step-*"))  # Ray Train's checkpoint
     (row,) = json.loads((run / "metrics.json").read_text())
     # the metrics of iteration 0, recomputed from the stored embeddings with the definitions
     real = _vectors(run / "real" / "embeddings" / "pixel")

@@ -51,6 +51,8 @@ TINY = [
     "knn.k=2",
     "loop.iterations=2",
     "loop.train_size=64",
+    "resources.generate_actors=0",  # as configs/mog_*.yaml: no actor start-up per iteration
+    "resources.embed_actors=0",
 ]
 
 

@@ -125,11 +125,14 @@ def test_embed_pool_actors_identical_resume_and_labels(tmp_path, ray_local):
     )
     assert one["shards"] == two["shards"] == 3 and one["rows"] == 30 and one["dim"] == 64
     assert two["actors"] == 2 and one["images_per_second"] > 0
+    here = embed_pool(tmp_path / "pool", tmp_path / "here", {"name": "pixel"}, actors=0)
+    assert here["actors"] == 0 and here["shards"] == 3 and here["rows"] == 30
     for name in sorted(os.listdir(tmp_path / "pool")):
         a, b = pq.read_table(tmp_path / "one" / name), pq.read_table(tmp_path / "two" / name)
         assert a.column("id").equals(b.column("id")) and a.column("embedding").equals(
             b.column("embedding")
         )
+        assert pq.read_table(tmp_path / "here" / name).equals(a)  # in this process: the same
     table = _read_out(tmp_path / "one")
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 64)
     meta = table.schema.metadata

@@ -103,8 +103,18 @@ def test_pool_identical_with_1_and_2_actors_and_resume(ckpt, tmp_path, ray_local
     # 13 rounds up to 16 (whole groups of 4), so both pools have the same 3 shards
     assert one["shards"] == two["shards"] == 3 and two["shard_size"] == 16 and two["actors"] == 2
     assert one["rows_generated"] == 48 and one["images_per_second"] > 0 and one["nodes"] == 1
+    # actors=0: the same shards written in this process (no Ray Data)
+    here = generate_pool(ckpt, tmp_path / "here", 48, seed=7, sample_cfg=SAMPLE, actors=0, shard_size=16)  # fmt: skip
+    assert here["actors"] == 0 and here["shards_generated"] == 3 and here["rows_generated"] == 48
     for name in sorted(os.listdir(tmp_path / "one")):
         assert pq.read_table(tmp_path / "one" / name).equals(pq.read_table(tmp_path / "two" / name))
+        assert pq.read_table(tmp_path / "one" / name).equals(
+            pq.read_table(tmp_path / "here" / name)
+        )
+        assert (
+            pq.read_schema(tmp_path / "one" / name).metadata
+            == pq.read_schema(tmp_path / "here" / name).metadata
+        )
     table = _read_pool(tmp_path / "one")
     np.testing.assert_array_equal(table.column("id").to_numpy(), np.arange(48))
     meta = json.loads(table.schema.metadata[b"raycollapse.generate"])

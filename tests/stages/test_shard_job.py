@@ -100,5 +100,6 @@ def test_check_resources(ray_local):
         UserInputError, match="x: each actor asks for 0.5 GPU but the largest node has 0"
     ):
         check_resources(Resources(num_cpus=0.5, num_gpus=0.5), 1, "x")
-    with pytest.raises(UserInputError, match="actors must be >= 1"):
-        check_resources(Resources(), 0, "x")
+    with pytest.raises(UserInputError, match="actors must be >= 0"):
+        check_resources(Resources(), -1, "x")
+    check_resources(Resources(num_cpus=4.0, num_gpus=1.0), 0, "x")  # 0: the calling process
