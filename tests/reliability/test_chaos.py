@@ -57,6 +57,7 @@ def test_killed_knn_shard_mid_entropy_gives_the_same_entropy(ray_local, tmp_path
     assert got == want  # the estimate bit for bit, and n, d, k, duplicates
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["greedy", "threshold"])
 def test_killed_selection_shard_gives_the_same_selection(ray_local, tmp_path, monkeypatch, method):
     x = _pool()
@@ -78,6 +79,7 @@ def test_killed_selection_shard_gives_the_same_selection(ray_local, tmp_path, mo
     assert np.array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_a_shard_lost_every_time_is_named(ray_local, monkeypatch):
     """Past SHARD_RESTARTS replacements the run stops with an error naming the shard."""
 
