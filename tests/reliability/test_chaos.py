@@ -34,13 +34,6 @@ def _pool(n: int = 1201, d: int = 6) -> np.ndarray:
     return x
 
 
-def _actor_alive(actor_id: str) -> bool:
-    from ray.util.state import get_actor
-
-    info = get_actor(actor_id)
-    return info is not None and info.state == "ALIVE"
-
-
 def test_killed_knn_shard_mid_entropy_gives_the_same_entropy(ray_local, tmp_path, monkeypatch):
     x = _pool()
     # Shard 1 dies in its 3rd search: the within-set search is then several batches in.
@@ -50,9 +43,8 @@ def test_killed_knn_shard_mid_entropy_gives_the_same_entropy(ray_local, tmp_path
     monkeypatch.setattr(knn_shards, "KnnShard", hooked)
     with ShardedIndex.build(x, 3, num_cpus_per_shard=0.5, batch_size=100) as index:
         got = index.entropy(3)
-        assert index._restarts.count == [0, 1, 0]
-    victim = shard_hooks.victim(tmp_path)
-    assert not _actor_alive(victim)
+        assert index._restarts.count == [0, 1, 0]  # shard 1 was lost once, and replaced
+        assert shard_hooks.victim(tmp_path) not in [a._actor_id.hex() for a in index._actors]
     want = kl_entropy(x, 3)
     assert got == want  # the estimate bit for bit, and n, d, k, duplicates
 
