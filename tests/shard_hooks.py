@@ -93,3 +93,54 @@ def kill_mid_shard(
 def victim(marks: Path) -> str:
     """The id of the actor the hook killed."""
     return (marks / "victim").read_text()
+
+
+def hooked_actor(remote_cls: Any, method: str, hook: Any) -> Any:
+    """A Ray actor class like ``remote_cls`` whose ``method`` first calls ``hook(self, calls)``
+    (``calls``: how often this actor's ``method`` has run, this call included)."""
+    base = remote_cls.__ray_actor_class__
+
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._hook_calls = getattr(self, "_hook_calls", 0) + 1
+        hook(self, self._hook_calls)
+        return getattr(base, method)(self, *args, **kwargs)
+
+    return ray.remote(type(base.__name__, (base,), {method: wrapped}))
+
+
+def kill_shard_at(
+    remote_cls: Any, method: str, *, shard: int, step: int, marks: Path, timeout_s: float = 120
+) -> Any:
+    """``remote_cls`` (a shard actor: ``self.shard``) whose shard ``shard`` kills itself
+    (``ray.kill``, no restart) in its ``step``-th call of ``method``, once: its replacement,
+    which replays the same calls, passes (``marks/victim`` exists by then)."""
+
+    def hook(actor: Any, calls: int) -> None:
+        if actor.shard == shard and calls == step:
+            _kill_first_shard(marks, True, timeout_s)
+
+    return hooked_actor(remote_cls, method, hook)
+
+
+def block_shard_at(
+    remote_cls: Any, method: str, *, step: int, avoid_node: str, marks: Path, timeout_s: float = 120
+) -> Any:
+    """``remote_cls`` whose first shard (on a node other than ``avoid_node``) to reach its
+    ``step``-th call of ``method`` writes its node id to ``marks/node`` and then blocks (until
+    the test removes that node); every other call, and the replacement's, passes."""
+
+    def hook(actor: Any, calls: int) -> None:
+        node = ray.get_runtime_context().get_node_id()
+        if calls != step or node == avoid_node:
+            return
+        try:
+            fd = os.open(marks / "victim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        (marks / "node.tmp").write_text(node)
+        os.replace(marks / "node.tmp", marks / "node")  # the test polls for a whole file
+        time.sleep(timeout_s)  # the node goes away while this call is in progress
+        raise RuntimeError("the node of the blocked shard was not removed")
+
+    return hooked_actor(remote_cls, method, hook)

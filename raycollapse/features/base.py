@@ -203,7 +203,12 @@ def seeded() -> Iterator[None]:
 
 def load_error(w: ResolvedWeights, exc: Exception) -> UserInputError:
     """The error for a weights file that does not fit the architecture, naming both."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    # torch's load_state_dict opens with "Error(s) in loading state_dict for X:"; the next
+    # line says what (missing / unexpected keys, size mismatch).
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        lines = lines[1:]
+    first = lines[0] if lines else type(exc).__name__
     return UserInputError(
         f"{w.name} weights '{w.path}' do not fit the {w.model} architecture ({first[:300]}); pass the "
         f"checkpoint of {w.model} (or set features.clip_model / features.dinov2_model to match the file)."

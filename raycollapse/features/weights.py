@@ -186,6 +186,16 @@ def check_weights_available(
 
 
 def _resolve_clip(model: str, text: str | None, caches: WeightCaches) -> ResolvedWeights:
+    # The file found must also fit the architecture: a dry run on meta tensors, here on the
+    # driver, instead of a traceback from every embedding actor.
+    from raycollapse.features.clip import check_clip_file
+
+    resolved = _find_clip(model, text, caches)
+    check_clip_file(resolved)
+    return resolved
+
+
+def _find_clip(model: str, text: str | None, caches: WeightCaches) -> ResolvedWeights:
     import open_clip
 
     if model not in open_clip.list_models():

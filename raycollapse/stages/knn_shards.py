@@ -25,8 +25,7 @@ per row).
 from __future__ import annotations
 
 import numbers
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ from raycollapse.metrics.memorization import generalization_from_distances, memo
 from raycollapse.neighbors.knn import ExactIndex, KnnMethod, KnnResult, drop_self, merge_topk
 from raycollapse.neighbors.validate import as_features, check_k
 from raycollapse.stages.base import Resources, check_resources
-from raycollapse.stages.errors import raise_if_user_error
 from raycollapse.stages.knn_shard_inputs import (
     Piece,
     check_shards,
@@ -50,6 +48,14 @@ from raycollapse.stages.knn_shard_inputs import (
 )
 from raycollapse.stages.runtime import ensure_ray
 from raycollapse.stages.select_inputs import npy_shape, read_pieces
+from raycollapse.stages.shard_recovery import (
+    Restarts,
+    ShardLostError,
+    _get,
+    _pipelined,
+    dead_shards,
+    wait_started,
+)
 
 __all__ = [
     "KnnShard",
@@ -58,10 +64,6 @@ __all__ = [
     "embedding_parquet_files",
     "parquet_row_counts",
 ]
-
-# Query batches submitted ahead of the one being merged: keeps every actor busy while the
-# driver merges, and bounds the object-store memory used by in-flight batches.
-_WINDOW = 4
 
 
 @ray.remote
@@ -128,32 +130,11 @@ class KnnShard:
         return ray.get_runtime_context().get_node_id()
 
 
-def _get(refs: Any) -> Any:
-    """``ray.get`` that re-raises a remote UserInputError as itself (clean CLI message)."""
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as exc:
-        raise_if_user_error(exc)
-        raise
-
-
-def _pipelined(items: Iterable[Any], submit: Callable[[Any], list]) -> Iterator[tuple[Any, list]]:
-    """Yield ``(item, results)`` in order, with up to ``_WINDOW`` items submitted ahead."""
-    pending: deque[tuple[Any, list]] = deque()
-    for item in items:
-        pending.append((item, submit(item)))
-        if len(pending) >= _WINDOW:
-            done, refs = pending.popleft()
-            yield done, _get(refs)
-    while pending:
-        done, refs = pending.popleft()
-        yield done, _get(refs)
-
-
 class ShardedIndex:
     """Driver-side handle on ``S`` :class:`KnnShard` actors; use :meth:`build`.
 
-    Use as a context manager (or call :meth:`shutdown`) so the actors are killed promptly.
+    Use as a context manager (or call :meth:`shutdown`) so the actors are killed promptly. A
+    shard actor lost during a search is replaced and its batch redone (:meth:`_recover`).
     """
 
     def __init__(
@@ -164,6 +145,13 @@ class ShardedIndex:
         self.sizes = sizes
         self.d = d
         self.batch_size = batch_size
+        # How to start and load a replacement of shard s (set by build): the actor class and
+        # options, its constructor kwargs, its load call; the within-set search order it had.
+        self._start: tuple[Any, dict[str, Any], list[dict[str, Any]], float | None] | None = None
+        self._loads: list[tuple[str, tuple]] = []
+        self._order_n: int | None = None
+        self._orders: list[np.ndarray] | None = None
+        self._restarts = Restarts(len(actors))
 
     @property
     def shards(self) -> int:
@@ -230,12 +218,12 @@ class ShardedIndex:
             opts["scheduling_strategy"] = "SPREAD"
         device = "cuda" if num_gpus_per_shard > 0 else "cpu"
         threads = max(1, int(num_cpus_per_shard))
-        actors = [
-            KnnShard.options(**opts).remote(
-                s, int(bounds[s]), threads=threads, device=device, method=method
-            )
+        actor_cls = KnnShard  # read once: a replacement is of the same class
+        kwargs = [
+            dict(shard=s, offset=int(bounds[s]), threads=threads, device=device, method=method)
             for s in range(shards)
         ]
+        actors = [actor_cls.options(**opts).remote(**kw) for kw in kwargs]
         try:
             started = [a.node_id.remote() for a in actors]
             _, pending = ray.wait(started, num_returns=shards, timeout=start_timeout_s)
@@ -247,14 +235,18 @@ class ShardedIndex:
                     "add nodes, use fewer shards or fewer CPUs per shard"
                 )
             if x is not None:  # one object per shard: each node pulls only its own rows
+                # The driver keeps these refs: a replacement shard loads from them again.
                 parts = [ray.put(x[bounds[s] : bounds[s + 1]]) for s in range(shards)]
-                loads = [a.load_array.remote(p) for a, p in zip(actors, parts, strict=True)]
+                load_calls = [("load_array", (p,)) for p in parts]
             else:
                 plan = plan_pieces(files, counts, bounds)
-                loads = [
-                    a.load_parquet.remote(p, column) for a, p in zip(actors, plan, strict=True)
+                load_calls = [("load_parquet", (p, column)) for p in plan]
+            info = _get(
+                [
+                    getattr(a, m).remote(*args)
+                    for a, (m, args) in zip(actors, load_calls, strict=True)
                 ]
-            info = _get(loads)
+            )
             dims = {d for _, d in info}
             if len(dims) != 1:
                 raise UserInputError(
@@ -265,7 +257,31 @@ class ShardedIndex:
                 ray.kill(a)
             raise
         sizes = [int(rows) for rows, _ in info]
-        return cls(actors, [int(b) for b in bounds[:-1]], sizes, dims.pop(), batch_size)
+        index = cls(actors, [int(b) for b in bounds[:-1]], sizes, dims.pop(), batch_size)
+        index._start, index._loads = (actor_cls, opts, kwargs, start_timeout_s), load_calls
+        return index
+
+    # --- recovery ---------------------------------------------------------------------------
+
+    def _recover(self, cause: BaseException) -> None:
+        """Replace every shard actor that no longer answers (shard_recovery's scheme): a new
+        actor with the same rows and search order; the caller redoes the failed batch."""
+        for s in dead_shards(self._actors):
+            what = f"kNN shard {s} (rows {self.offsets[s]}..{self.offsets[s] + self.sizes[s] - 1})"
+            self._restarts.note(s, what, cause)
+            if self._start is None:
+                raise ShardLostError(f"{what} was lost ({type(cause).__name__})") from cause
+            cls, opts, kwargs, timeout = self._start
+            actor = cls.options(**opts).remote(**kwargs[s])
+            wait_started(actor, what, timeout)
+            method, args = self._loads[s]
+            _get(getattr(actor, method).remote(*args))
+            if self._order_n is not None:
+                order = _get(actor.search_order.remote(self._order_n))
+                if self._orders is not None and not np.array_equal(order, self._orders[s]):
+                    raise ShardLostError(f"{what} was replaced but its search order changed")
+            ray.kill(self._actors[s])
+            self._actors[s] = actor
 
     # --- searches ---------------------------------------------------------------------------
 
@@ -293,7 +309,7 @@ class ShardedIndex:
             ref = ray.put(q[start : start + bs])
             return [a.search.remote(ref, k, bs) for a in self._actors]
 
-        for start, results in _pipelined(range(0, q.shape[0], bs), submit):
+        for start, results in _pipelined(range(0, q.shape[0], bs), submit, self._recover):
             # Indices are already global: offsets of 0.
             merged = merge_topk(results, [0] * self.shards, k)
             out_d[start : start + bs], out_i[start : start + bs] = merged.distances, merged.indices
@@ -310,7 +326,10 @@ class ShardedIndex:
         self._check_k(k)  # live actors
         k = check_k(k, self.n)
         bs = batch_size or self.batch_size
-        orders = _get([a.search_order.remote(self.n) for a in self._actors])
+        self._order_n, self._orders = self.n, None  # a replacement computes its order too
+        submit_orders = lambda _: [a.search_order.remote(self.n) for a in self._actors]  # noqa: E731
+        _, orders = next(_pipelined([0], submit_orders, self._recover))
+        self._orders = orders
         items = [
             (s, a, min(a + bs, size))
             for s, size in enumerate(self.sizes)
@@ -329,7 +348,7 @@ class ShardedIndex:
                 for t, actor in enumerate(self._actors)
             ]
 
-        for (s, a, b), results in _pipelined(items, submit):
+        for (s, a, b), results in _pipelined(items, submit, self._recover):
             # k + 1 from every shard, merged, then the point itself removed by global index:
             # exactly the core knn_self rule (drop_self), so duplicates rank the same way.
             merged = merge_topk(results, [0] * self.shards, k + 1)

@@ -43,9 +43,9 @@ from raycollapse.neighbors.distances import pair_distances
 from raycollapse.neighbors.validate import as_features
 from raycollapse.stages.base import Resources, check_resources
 from raycollapse.stages.knn_shard_inputs import check_shards, plan_pieces
-from raycollapse.stages.knn_shards import _get
 from raycollapse.stages.runtime import ensure_ray
 from raycollapse.stages.select_inputs import Pool, pool_of, read_pieces
+from raycollapse.stages.shard_recovery import LOST, Restarts, _get, wait_started
 
 __all__ = ["SelectShard", "auto_cpus_per_shard", "select_sharded"]
 
@@ -110,6 +110,12 @@ class SelectShard:
         self.threshold.accept(index, rows)
         return self.threshold.only_duplicates()
 
+    def replay(self, calls: list[tuple[str, tuple]]) -> None:
+        """Run the state-changing ``calls`` (method name, arguments) of a lost shard again, in
+        order: the same rows and calls give the same state (a replacement's rebuild)."""
+        for name, args in calls:
+            getattr(self, name)(*args)
+
 
 def auto_cpus_per_shard(shards: int) -> float:
     """One CPU per shard, or an equal share of the cluster's CPUs when it has fewer than
@@ -164,12 +170,7 @@ def select_sharded(
         if method == "greedy" and approximate:
 
             def local(seeds: list[int]) -> list:
-                return _get(
-                    [
-                        a.greedy_local.remote(budget, s)
-                        for a, s in zip(sh.actors, seeds, strict=True)
-                    ]
-                )
+                return sh._call("greedy_local", [(budget, s) for s in seeds])
 
             return Selection(two_round_greedy(local, shards, budget, seed), method)
         if method == "greedy":
@@ -194,7 +195,13 @@ class _Shards:
         opts: dict[str, Any] = {"num_cpus": cpus}
         if spread:
             opts["scheduling_strategy"] = "SPREAD"
-        self.actors = [SelectShard.options(**opts).remote(s, int(bounds[s])) for s in range(shards)]
+        # What a replacement of shard s needs (see _call): class, options, offset, its source;
+        # ``log``: every state-changing call so far, replayed on the replacement in order.
+        self.cls, self.opts, self.column, self.timeout = SelectShard, opts, column, timeout
+        self.bounds = [int(b) for b in bounds]
+        self.log: list[tuple[str, tuple]] = []
+        self.restarts = Restarts(shards)
+        self.actors = [self.cls.options(**opts).remote(s, self.bounds[s]) for s in range(shards)]
         try:
             _, pending = ray.wait(
                 [a.__ray_ready__.remote() for a in self.actors], num_returns=shards, timeout=timeout
@@ -209,6 +216,7 @@ class _Shards:
                 srcs = [ray.put(pool.array[bounds[s] : bounds[s + 1]]) for s in range(shards)]
             else:
                 srcs = plan_pieces(pool.files, pool.counts, bounds)
+            self.srcs = srcs  # kept: a replacement loads its rows again
             info = _get([a.load.remote(p, column) for a, p in zip(self.actors, srcs, strict=True)])
         except BaseException:
             self.shutdown()
@@ -221,20 +229,51 @@ class _Shards:
         self.sums = [s for _, _, s in info]
         self.counts = [r for r, _, _ in info]
 
+    def _call(self, name: str, args: list[tuple], log: bool = False) -> list:
+        """``name(*args[s])`` on every shard s; a shard lost on the way is replaced (its rows
+        loaded again and ``self.log`` replayed, so its state is what it was) and asked again.
+        ``log``: the call changes the shards' state (all get the same arguments)."""
+        refs = [getattr(a, name).remote(*x) for a, x in zip(self.actors, args, strict=True)]
+        out = []
+        for s, ref in enumerate(refs):
+            while True:
+                try:
+                    out.append(_get(ref))
+                    break
+                except LOST as exc:
+                    self._replace(s, exc)
+                    ref = getattr(self.actors[s], name).remote(*args[s])
+        if log:
+            self.log.append((name, args[0]))
+        return out
+
+    def _all(self, name: str, *args: Any, log: bool = False) -> list:
+        return self._call(name, [args] * len(self.actors), log)
+
+    def _replace(self, s: int, cause: BaseException) -> None:
+        what = f"selection shard {s} (rows {self.bounds[s]}..{self.bounds[s + 1] - 1})"
+        self.restarts.note(s, what, cause)
+        actor = self.cls.options(**self.opts).remote(s, self.bounds[s])
+        wait_started(actor, what, self.timeout)
+        _get(actor.load.remote(self.srcs[s], self.column))
+        _get(actor.replay.remote(self.log))
+        ray.kill(self.actors[s])
+        self.actors[s] = actor
+
     def rows(self, index: np.ndarray) -> np.ndarray:
         """Global rows ``index`` gathered from their shards."""
         out = np.empty((len(index), self.d), dtype=np.float32)
-        for pos, rows in _get([a.rows_at.remote(index) for a in self.actors]):
+        for pos, rows in self._all("rows_at", index):
             out[pos] = rows
         return out
 
     def greedy(self, budget: int, seed: int) -> Selection:
         mean = common_space(self.sums, self.counts)
-        smax = max(_get([a.greedy_space.remote(mean) for a in self.actors]))
-        _get([a.greedy_begin.remote(budget, smax) for a in self.actors])
+        smax = max(self._all("greedy_space", mean, log=True))
+        self._all("greedy_begin", budget, smax, log=True)
 
         def add_top(index: np.ndarray, rows: np.ndarray, t: int) -> list:
-            return _get([a.greedy_step.remote(index, rows, t) for a in self.actors])
+            return self._all("greedy_step", index, rows, t, log=True)
 
         idx, trips = sharded_greedy(
             self.n, budget, seed, lambda i: self.rows(np.array([i]))[0], add_top
@@ -249,13 +288,13 @@ class _Shards:
             if self.n >= 2:
                 i, j = tau0_pairs(self.n, seed)
                 tau0 = tau0_from_distances(pair_distances(self.rows(i), self.rows(j)))
-        _get([a.threshold_begin.remote(self.n, budget, seed) for a in self.actors])
+        self._all("threshold_begin", self.n, budget, seed, log=True)
 
         def open_rows(index: np.ndarray, rows: np.ndarray, a: int, b: int, tau: float) -> list:
-            return _get([s.threshold_open.remote(index, rows, a, b, tau) for s in self.actors])
+            return self._all("threshold_open", index, rows, a, b, tau, log=True)
 
         def dups(index: np.ndarray, rows: np.ndarray) -> bool:
-            return all(_get([s.threshold_duplicates.remote(index, rows) for s in self.actors]))
+            return all(self._all("threshold_duplicates", index, rows, log=True))
 
         res, _ = sharded_threshold(
             self.n, self.d, budget, float(tau0), float(decay), int(max_passes), open_rows, dups

@@ -50,11 +50,45 @@ def inputs(tmp_path_factory) -> Path:
     raw[-10] ^= 1
     w.write_bytes(bytes(raw))
     (d / "afile").write_text("x")
+    _clip_weights(d, ckpt)
     return d
+
+
+def _clip_weights(d: Path, ckpt: Path) -> None:
+    """Wrong CLIP weights files, small (real CLIP weights cannot be downloaded here)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    (d / "imgs").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(d / "imgs" / f"{i}.png")
+    # ViT-B-32's own names with wrong (tiny) shapes; truncated: the same file cut in half.
+    names = open_clip.create_model("ViT-B-32", pretrained=None, device="meta").state_dict()
+    save_file({k: torch.zeros(2) for k in names}, str(d / "shapes.safetensors"))
+    raw = (d / "shapes.safetensors").read_bytes()
+    (d / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
+    (d / "text.safetensors").write_text("these are not weights\n" * 20)
+    (d / "junk.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    # Another architecture's randomly initialised weights: the tiny UNet of the checkpoint.
+    unet = ckpt / "unet" / "diffusion_pytorch_model.safetensors"
+    (d / "unet.safetensors").write_bytes(unet.read_bytes())
+
+
+@pytest.fixture(autouse=True)
+def _no_weight_caches(tmp_path_factory, monkeypatch):
+    """Empty weight caches, as on a machine without internet (WeightCaches.default)."""
+    from huggingface_hub import constants
+
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(home / "torch"))
+    monkeypatch.setenv("HOME", str(home))
 
 
 TRAIN = ["train.steps=1", "train.batch_size=2", "data.n=4", "train.sample_grid=0"]
 GEN = ["--n", "2", "--steps", "2", "sample.group_size=2"]
+CLIP = "embed {d}/imgs --features clip --out {o} --pretrained "
 
 # id, argv ({d}: the inputs folder, {o}: a fresh output path), exit status, message fragment
 ROWS = [
@@ -87,6 +121,14 @@ ROWS = [
     ("out-is-input", "generate {d}/ckpt --out {d}/ckpt --overwrite " + " ".join(GEN), 2, "would destroy the input"),
     ("out-blocked", "train --out {d}/afile/sub " + " ".join(TRAIN), 2, "cannot write --out"),
     ("storage-blocked", "run {d}/empty.yaml loop.storage={d}/afile/run", 2, "cannot write to loop.storage"),
+    ("clip-truncated", CLIP + "{d}/cut.safetensors", 2, "truncated or damaged safetensors file"),
+    ("clip-not-safetensors", CLIP + "{d}/text.safetensors", 2, "are not a safetensors file"),
+    ("clip-not-weights", CLIP + "{d}/junk.pt", 2, "cannot load weights"),
+    ("clip-other-arch", CLIP + "{d}/unet.safetensors", 2, "do not fit the ViT-B-32 architecture (Missing key(s)"),
+    ("clip-shapes", CLIP + "{d}/shapes.safetensors", 2, "do not fit the ViT-B-32 architecture (size mismatch"),
+    ("clip-tag-missing", CLIP + "laion2b_s34b_b79k", 2, "are not available on this machine"),
+    ("clip-tag-unknown", CLIP + "nosuchtag", 2, "is neither a pretrained tag"),
+    ("clip-run", "run {d}/empty.yaml loop.storage={o} features.name=clip features.pretrained={d}/junk.pt", 2, "cannot load weights"),
 ]  # fmt: skip
 
 
