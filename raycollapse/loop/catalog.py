@@ -84,6 +84,47 @@ class Catalog:
             self._emb[key] = read_embeddings(self.embeddings_uri(origin, features))
         return self._emb[key]
 
+    def ids(self, origin: str, features: str) -> np.ndarray:
+        """The ids of ``origin`` embedded in ``features``, in id order (the order of
+        :meth:`embeddings`), reading only the id column when the vectors are not loaded."""
+        key = (origin, features)
+        if key in self._emb:
+            return self._emb[key][0]
+        uri = self.embeddings_uri(origin, features)
+        return np.sort(np.concatenate([_file_ids(f) for f in _files(uri)]))
+
+    def embedding_rows(self, refs: list[Ref], features: str) -> list[tuple[str, np.ndarray | None]]:
+        """Where the embeddings of ``refs`` lie on storage, in ``refs`` order, without reading
+        a vector: ``(Parquet file, rows of it)`` runs whose concatenation is
+        :meth:`gather_embeddings` of ``refs`` row for row; rows ``None`` = the whole file in its
+        stored order. Reads the id column of each file once (8 bytes per row)."""
+        if not refs:
+            return []
+        file_no = np.empty(len(refs), dtype=np.int64)
+        file_row = np.empty(len(refs), dtype=np.int64)
+        files: list[str] = []
+        counts: list[int] = []
+        for origin, idx in _group(refs):
+            names = _files(self.embeddings_uri(origin, features))
+            per_file = [_file_ids(f) for f in names]
+            ids = np.concatenate(per_file)
+            nos = np.repeat(
+                np.arange(len(files), len(files) + len(names)), [len(a) for a in per_file]
+            )
+            rows = np.concatenate([np.arange(len(a), dtype=np.int64) for a in per_file])
+            order = np.argsort(ids, kind="stable")
+            pos = order[self._rows(ids[order], np.array([refs[i][1] for i in idx]), origin)]
+            file_no[idx], file_row[idx] = nos[pos], rows[pos]
+            files += names
+            counts += [len(a) for a in per_file]
+        cuts = [0, *(np.flatnonzero(np.diff(file_no) != 0) + 1).tolist(), len(refs)]
+        out: list[tuple[str, np.ndarray | None]] = []
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            no, rows = int(file_no[a]), file_row[a:b]
+            whole = len(rows) == counts[no] and np.array_equal(rows, np.arange(len(rows)))
+            out.append((files[no], None if whole else rows))
+        return out
+
     def _rows(self, ids: np.ndarray, wanted: np.ndarray, origin: str) -> np.ndarray:
         pos = np.searchsorted(ids, wanted)
         if np.any(pos >= len(ids)) or np.any(ids[np.minimum(pos, len(ids) - 1)] != wanted):
@@ -122,6 +163,17 @@ def _group(refs: list[Ref]) -> list[tuple[str, np.ndarray]]:
     for i, (origin, _) in enumerate(refs):
         groups.setdefault(origin, []).append(i)
     return [(o, np.asarray(ix, dtype=np.int64)) for o, ix in groups.items()]
+
+
+def _files(uri: str) -> list[str]:
+    files = storage.list_files(uri)
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards under '{uri}'")
+    return files
+
+
+def _file_ids(path: str) -> np.ndarray:
+    return storage.read_parquet(path, columns=["id"]).column("id").to_numpy().astype(np.int64)
 
 
 def _first_schema(uri: str) -> pa.Schema:

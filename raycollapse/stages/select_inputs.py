@@ -1,6 +1,10 @@
 """Where sharded selection and entropy get their rows without gathering them on the driver:
 Parquet embedding shards (footers only here) or ``.npy`` files (headers only here); each actor
-then reads its own row ranges with :func:`read_pieces`."""
+then reads its own row ranges with :func:`read_pieces`.
+
+A pool may also be a list of files, some of them :class:`FileRows`: a file that stands for
+chosen rows of it, in a chosen order (the loop's candidates, a subset of several pools). Its
+row count is ``len(rows)``, and an actor reads and keeps only those rows."""
 
 from __future__ import annotations
 
@@ -18,7 +22,26 @@ from raycollapse.io.storage import open_fs, read_parquet
 from raycollapse.neighbors.validate import as_features
 from raycollapse.stages.knn_shard_inputs import Piece, embedding_parquet_files, parquet_row_counts
 
-__all__ = ["Pool", "npy_shape", "pool_of", "read_pieces"]
+__all__ = ["FileRows", "Pool", "npy_shape", "pool_of", "read_pieces"]
+
+
+class FileRows(str):
+    """A Parquet file path that stands for rows ``rows`` of that file, in that order.
+
+    A ``str`` so that the row-range planning (:func:`plan_pieces`) carries it unchanged into the
+    :class:`Piece` an actor reads; :func:`read_pieces` then takes piece rows ``start .. stop-1``
+    of ``rows``. Pickles with its rows (it travels to the actors).
+    """
+
+    rows: np.ndarray
+
+    def __new__(cls, path: str, rows: np.ndarray) -> FileRows:
+        obj = super().__new__(cls, path)
+        obj.rows = np.asarray(rows, dtype=np.int64)
+        return obj
+
+    def __reduce__(self) -> tuple:
+        return (FileRows, (str(self), self.rows))
 
 
 @dataclass(frozen=True)
@@ -51,9 +74,14 @@ def npy_shape(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
     return shape, dtype, offset
 
 
-def pool_of(source: np.ndarray | str | Path, column: str = EMBEDDING_COLUMN) -> Pool:
+def pool_of(
+    source: np.ndarray | str | Path | Sequence[str], column: str = EMBEDDING_COLUMN
+) -> Pool:
     """The pool behind ``source``: an (N, d) array, Parquet embedding shards (file, folder or
-    URI) or ``.npy`` embedding files (a file or a folder of them, in sorted order)."""
+    URI), ``.npy`` embedding files (a file or a folder of them, in sorted order) or an explicit
+    list of Parquet files and :class:`FileRows` (rows in list order)."""
+    if isinstance(source, list | tuple) and source and all(isinstance(f, str) for f in source):
+        return _listed_pool(list(source), column)
     if not isinstance(source, (str, Path)):
         x = as_features(source, "features", min_rows=1)
         return Pool(len(x), array=x)
@@ -89,6 +117,24 @@ def pool_of(source: np.ndarray | str | Path, column: str = EMBEDDING_COLUMN) -> 
     return Pool(n, files=files, counts=counts)
 
 
+def _listed_pool(files: list[str], column: str) -> Pool:
+    try:
+        full = parquet_row_counts(files, column)  # also checks the column is in every file
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise UserInputError(f"cannot read a listed Parquet shard ({exc})") from None
+    counts = []
+    for f, rows in zip(files, full, strict=True):
+        if isinstance(f, FileRows):
+            if len(f.rows) and (f.rows.min() < 0 or f.rows.max() >= rows):
+                raise UserInputError(f"rows outside 0..{rows - 1} asked of Parquet shard '{f}'")
+            rows = len(f.rows)
+        counts.append(rows)
+    n = int(sum(counts))
+    if n == 0:
+        raise UserInputError("the listed Parquet shards hold no rows; pass a non-empty pool")
+    return Pool(n, files=files, counts=counts)
+
+
 def read_pieces(pieces: Sequence[Piece], column: str) -> np.ndarray:
     """The float32 rows of ``pieces`` (Parquet or ``.npy`` row ranges), concatenated."""
     parts = []
@@ -97,7 +143,11 @@ def read_pieces(pieces: Sequence[Piece], column: str) -> np.ndarray:
             if p.path.endswith(".npy"):
                 parts.append(_npy_rows(p))
             else:
-                table = read_parquet(p.path, columns=[column]).slice(p.start, p.stop - p.start)
+                table = read_parquet(p.path, columns=[column])
+                if isinstance(p.path, FileRows):  # the chosen rows, in their order
+                    table = table.take(pa.array(p.path.rows[p.start : p.stop]))
+                else:
+                    table = table.slice(p.start, p.stop - p.start)
                 values = table.column(column).combine_chunks()
                 parts.append(list_column_to_matrix(values, column, p.path))
         except (OSError, pa.ArrowInvalid) as exc:
