@@ -1,6 +1,6 @@
 """Memory benchmark: the loop's selection and pool entropy, driver and actor peak RSS vs pool size.
 
-For each training-set size B a run folder is laid out as the loop lays it out after iteration 0
+For each case m:B (pool multiple, training-set size) a run folder is laid out as the loop lays it out after iteration 0
 (training set refs, pool ``gen_0`` of N = m x B synthetic embeddings as Parquet shards
 ``{id, embedding fixed_size_list<float32>}``, ids shuffled across files; the vectors are
 ``bench_scale.write_pool``'s clustered rows). Then, in a subprocess of its own (so that its
@@ -14,9 +14,11 @@ Two paths: ``sharded`` (``knn.shards = S``: the actors read their rows from the 
 gathers the pool, in-process selection and ``kl_entropy``). Driver peak RSS after each phase;
 peak RSS of every shard actor (``bench_scale.ActorRss``: ``ray::...Shard`` processes, sampled
 every 0.2 s; with a Ray started by the case only its own descendants count). Per-row bytes are
-least-squares slopes of the peaks against N (driver) and N / S (an actor). Usage::
+least-squares coefficients of the peaks on (1, N, B) for the driver and (1, N / S, B) for an
+actor: varying m at a fixed B separates what grows with the pool from what grows with the
+budget. Usage::
 
-    python benchmarks/bench_memory.py --data DIR [--budgets 400 2000 10000] [--pool-multiple 5] \
+    python benchmarks/bench_memory.py --data DIR [--grid 5:400 5:2000 25:400 100:400] \
         [--shards 2] [--paths sharded single] [--readme]
 """
 
@@ -42,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 SECTION = "## Memory: the loop's driver and workers"
 FEATURES = "pixel"
 GB24 = 24e9
+LOOP_M = 5  # the loop's default pool_multiple, for the 24 GB extrapolation
 
 
 def write_run(folder: Path, b: int, m: int, d: int, files: int, seed: int = 0) -> Path:
@@ -129,10 +132,10 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     from raycollapse.loop.rundir import RunDir
     from raycollapse.loop.runner import Loop
 
-    path, b = args.case.split(":")
-    b = int(b)
-    n = args.pool_multiple * b
-    run = str(Path(args.data) / f"b{b}")
+    path, m, b = args.case.split(":")
+    m, b = int(m), int(b)
+    n = m * b
+    run = str(_folder(Path(args.data), m, b))
     shards = args.shards if path == "sharded" else 1
     own = not os.environ.get("RAY_ADDRESS")
     stop = threading.Event()
@@ -147,7 +150,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         f"loop.metric_features=[{FEATURES}]", f"features.name={FEATURES}",
         f"select.method={args.method}", f"knn.shards={shards}", f"knn.k={args.k}",
     ])  # fmt: skip
-    out: dict[str, Any] = {"path": path, "b": b, "n": n, "shards": shards}
+    out: dict[str, Any] = {"path": path, "m": m, "b": b, "n": n, "shards": shards}
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rss = OwnActorRss(own)
     t0 = time.perf_counter()
@@ -173,39 +176,53 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of ys against xs (0 with fewer than two distinct xs)."""
-    if len(set(xs)) < 2:
-        return 0.0
-    return float(np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)[0])
+def _folder(data: Path, m: int, b: int) -> Path:
+    return data / f"m{m}_b{b}"
+
+
+def linear_fit(rows: list[list[float]], ys: list[float]) -> np.ndarray:
+    """Least-squares coefficients of ys on the columns of rows (a column that does not vary, or
+    one that repeats another, gets 0: only what the cases vary is measured)."""
+    a = np.asarray(rows, dtype=float)
+    keep = [0] + [j for j in range(1, a.shape[1]) if np.ptp(a[:, j]) > 0]
+    coef = np.zeros(a.shape[1])
+    sol, *_ = np.linalg.lstsq(a[:, keep], np.asarray(ys, dtype=float), rcond=None)
+    coef[keep] = sol
+    return coef
 
 
 def summarize(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Per-row bytes (driver per pool row, actor per row it holds) and the largest B whose
-    extrapolated driver + S actors fit in 24 GB on one machine."""
+    """Bytes per pool row and per selected row on the driver, per row held by an actor, from
+    least-squares fits of the peaks (driver on 1, N, B; an actor on 1, N / S, B); and the largest
+    B (pool m = 5 x B, ``LOOP_M``) whose driver + S actors fit in 24 GB on one machine."""
     fits: dict[str, Any] = {}
     for path in args.paths:
         cases = [c for c in results["cases"] if c.get("path") == path and "error" not in c]
         if not cases:
             continue
-        ns = [c["n"] for c in cases]
-        drv = [c["driver_peak_mb"] * 2**20 for c in cases]
-        act = [max(c["select_actor_peak_mb"] + c["entropy_actor_peak_mb"], default=0) * 2**20
-               for c in cases]  # fmt: skip
         s = cases[0]["shards"]
-        per_drv = max(slope(ns, drv), 0.0)
-        per_act = max(slope([n / s for n in ns], act), 0.0) if path == "sharded" else 0.0
-        c0 = cases[0]
-        drv0 = drv[0] - per_drv * c0["n"]  # the fit's intercept: Python, Ray, torch, ...
-        act0 = (act[0] - per_act * c0["n"] / s) if path == "sharded" else 0.0
-        per_row_node = per_drv + per_act  # S actors hold N / S rows each: N rows in all
-        room = GB24 - drv0 - s * act0 * (path == "sharded")
-        n_max = room / per_row_node if per_row_node > 0 else float("inf")
+        drv = linear_fit([[1, c["n"], c["b"]] for c in cases],
+                         [c["driver_peak_mb"] * 2**20 for c in cases])  # fmt: skip
+        act = np.zeros(3)
+        if path == "sharded":
+            act = linear_fit(
+                [[1, c["n"] / s, c["b"]] for c in cases],
+                [
+                    max(c["select_actor_peak_mb"] + c["entropy_actor_peak_mb"]) * 2**20
+                    for c in cases
+                ],
+            )
+        per_b = max(drv[1], 0) * LOOP_M + max(drv[2], 0)  # driver bytes per unit of B, m = 5
+        per_b += s * (max(act[1], 0) * LOOP_M / s + max(act[2], 0)) if path == "sharded" else 0
+        room = GB24 - drv[0] - (s * act[0] if path == "sharded" else 0)
+        ns = sorted(c["n"] for c in cases)
         fits[path] = {
-            "driver_bytes_per_row": per_drv, "actor_bytes_per_row": per_act,
-            "driver_intercept_mb": drv0 / 2**20, "actor_intercept_mb": act0 / 2**20,
-            "max_n_24gb": n_max, "max_b_24gb": n_max / args.pool_multiple,
-            "driver_growth_mb": (drv[-1] - drv[0]) / 2**20, "n_range": [ns[0], ns[-1]],
+            "driver_bytes_per_pool_row": drv[1], "driver_bytes_per_selected_row": drv[2],
+            "driver_intercept_mb": drv[0] / 2**20,
+            "actor_bytes_per_row_held": act[1], "actor_bytes_per_selected_row": act[2],
+            "actor_intercept_mb": act[0] / 2**20,
+            "max_b_24gb": room / per_b if per_b > 0 else float("inf"),
+            "n_range": [ns[0], ns[-1]],
         }  # fmt: skip
     return fits
 
@@ -213,8 +230,9 @@ def summarize(results: dict[str, Any], args: argparse.Namespace) -> dict[str, An
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="folder for the run folders")
-    p.add_argument("--budgets", type=int, nargs="+", default=[400, 2000, 10000], help="B")
-    p.add_argument("--pool-multiple", type=int, default=5, help="m: the pool holds m x B rows")
+    p.add_argument("--grid", nargs="+", default=["5:400", "5:2000", "25:400", "100:400"],
+                   help="m:B cases: a training set of B selected from a pool of m x B rows "
+                   "(the loop: m = loop.pool_multiple, B = loop.train_size)")  # fmt: skip
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--files", type=int, default=4, help="Parquet files per pool")
     p.add_argument("--shards", type=int, default=2)
@@ -231,16 +249,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(res))
         return res
     data = Path(args.data)
-    for b in args.budgets:
-        write_run(data / f"b{b}", b, args.pool_multiple, args.d, args.files)
+    try:
+        grid = [(int(g.split(":")[0]), int(g.split(":")[1])) for g in args.grid]
+    except (IndexError, ValueError):
+        p.error(f"--grid takes m:B pairs of integers, got {args.grid}")
+    for m, b in grid:
+        write_run(_folder(data, m, b), b, m, args.d, args.files)
     argv_ = sys.argv[1:] if argv is None else argv
     results: dict[str, Any] = {"uptime_before": _uptime(), "args": vars(args), "cases": []}
     for path in args.paths:
-        for b in args.budgets:
-            cmd = [sys.executable, str(Path(__file__).resolve()), *argv_, "--case", f"{path}:{b}"]
+        for m, b in grid:
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                *argv_,
+                "--case",
+                f"{path}:{m}:{b}",
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                case = {"path": path, "b": b, "error": proc.stderr[-3000:]}
+                case = {"path": path, "m": m, "b": b, "error": proc.stderr[-3000:]}
             else:
                 case = json.loads(proc.stdout.strip().splitlines()[-1])
             results["cases"].append(case)
@@ -268,20 +296,21 @@ def _section(r: dict[str, Any]) -> str:
     a = r["args"]
     lines = [
         SECTION, "",
-        f"`python benchmarks/bench_memory.py --data DIR --budgets {' '.join(map(str, a['budgets']))} "
-        f"--pool-multiple {a['pool_multiple']} --shards {a['shards']} --d {a['d']} --method {a['method']}` "
+        f"`python benchmarks/bench_memory.py --data DIR --grid {' '.join(a['grid'])} "
+        f"--paths {' '.join(a['paths'])} "
+        f"--shards {a['shards']} --d {a['d']} --method {a['method']}` "
         f"(a local Ray per case, {os.cpu_count()} cores). `uptime` before: `{r['uptime_before']}`; "
         f"after: `{r['uptime_after']}` (the host is shared).", "",
-        "| path | B | N = m B | select s | entropy s | driver peak MB (after select / total) "
+        "| path | m | B | N = m B | select s | entropy s | driver peak MB (after select / total) "
         "| select actor peak MB (max) | entropy actor peak MB (max) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for c in r["cases"]:
         if "error" in c:
-            lines.append(f"| {c['path']} | {c['b']} | | failed | | | | |")
+            lines.append(f"| {c['path']} | {c['m']} | {c['b']} | | failed | | | | |")
             continue
         lines.append(
-            f"| {c['path']} | {c['b']} | {c['n']} | {c['select_seconds']:.1f} | "
+            f"| {c['path']} | {c['m']} | {c['b']} | {c['n']} | {c['select_seconds']:.1f} | "
             f"{c['entropy_seconds']:.1f} | {c['driver_select_peak_mb']:.0f} / {c['driver_peak_mb']:.0f} | "
             f"{max(c['select_actor_peak_mb'], default=0):.0f} | "
             f"{max(c['entropy_actor_peak_mb'], default=0):.0f} |"
@@ -289,11 +318,14 @@ def _section(r: dict[str, Any]) -> str:
     lines.append("")
     for path, f in r["fits"].items():
         lines.append(
-            f"- {path}: driver {f['driver_bytes_per_row']:.0f} bytes per pool row "
-            f"(peak grew {f['driver_growth_mb']:.0f} MB from N = {f['n_range'][0]} to "
-            f"{f['n_range'][1]}), an actor {f['actor_bytes_per_row']:.0f} bytes per row it "
-            f"holds; extrapolated to one 24 GB machine (driver + {a['shards'] if path == 'sharded' else 0} "
-            f"actors): N <= {f['max_n_24gb']:.3g}, B <= {f['max_b_24gb']:.3g}"
+            f"- {path} (least squares over N = {f['n_range'][0]}..{f['n_range'][1]}): driver "
+            f"{f['driver_bytes_per_pool_row']:.0f} bytes per pool row + "
+            f"{f['driver_bytes_per_selected_row']:.0f} per selected row over "
+            f"{f['driver_intercept_mb']:.0f} MB; an actor {f['actor_bytes_per_row_held']:.0f} "
+            f"bytes per row it holds + {f['actor_bytes_per_selected_row']:.0f} per selected row "
+            f"over {f['actor_intercept_mb']:.0f} MB. Extrapolated (m = {LOOP_M}, driver + "
+            f"{a['shards'] if path == 'sharded' else 0} actors on one 24 GB machine): "
+            f"B <= {f['max_b_24gb']:.3g}"
         )
     return "\n".join(lines) + "\n"
 

@@ -24,19 +24,19 @@ def test_bench_memory_tiny(tmp_path, monkeypatch):
     import bench_memory
 
     res = bench_memory.main(
-        ["--data", str(tmp_path), "--budgets", "30", "--pool-multiple", "5", "--d", "16",
+        ["--data", str(tmp_path), "--grid", "5:30", "--d", "16",
          "--paths", "sharded", "--shards", "2", "--k", "3"]
     )  # fmt: skip
     (case,) = res["cases"]
     assert "error" not in case, case.get("error")
     assert case["n"] == 150 and case["selected"] == 30 and res["same_size"]
     assert case["driver_peak_mb"] >= case["driver_select_peak_mb"] > 0
-    emb = tmp_path / "b30" / "iter_000" / "embeddings" / "pixel"
+    emb = tmp_path / "m5_b30" / "iter_000" / "embeddings" / "pixel"
     table = pa.concat_tables(pq.read_table(f) for f in sorted(emb.glob("*.parquet")))
     assert sorted(table.column("id").to_pylist()) == list(range(150))
     x = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     assert case["entropy"] == pytest.approx(kl_entropy_direct(x, 3), rel=1e-9)
     section = bench_memory._section(res)
-    assert section.startswith(bench_memory.SECTION) and "| sharded | 30 | 150 |" in section
+    assert section.startswith(bench_memory.SECTION) and "| sharded | 5 | 30 | 150 |" in section
     assert "sharded" in res["fits"]
     del sys.modules["bench_memory"]
