@@ -93,37 +93,38 @@ class Catalog:
         uri = self.embeddings_uri(origin, features)
         return np.sort(np.concatenate([_file_ids(f) for f in _files(uri)]))
 
-    def embedding_rows(self, refs: list[Ref], features: str) -> list[tuple[str, np.ndarray | None]]:
-        """Where the embeddings of ``refs`` lie on storage, in ``refs`` order, without reading
-        a vector: ``(Parquet file, rows of it)`` runs whose concatenation is
-        :meth:`gather_embeddings` of ``refs`` row for row; rows ``None`` = the whole file in its
-        stored order. Reads the id column of each file once (8 bytes per row)."""
-        if not refs:
-            return []
-        file_no = np.empty(len(refs), dtype=np.int64)
-        file_row = np.empty(len(refs), dtype=np.int64)
-        files: list[str] = []
-        counts: list[int] = []
-        for origin, idx in _group(refs):
-            names = _files(self.embeddings_uri(origin, features))
-            per_file = [_file_ids(f) for f in names]
-            ids = np.concatenate(per_file)
-            nos = np.repeat(
-                np.arange(len(files), len(files) + len(names)), [len(a) for a in per_file]
-            )
-            rows = np.concatenate([np.arange(len(a), dtype=np.int64) for a in per_file])
-            order = np.argsort(ids, kind="stable")
-            pos = order[self._rows(ids[order], np.array([refs[i][1] for i in idx]), origin)]
-            file_no[idx], file_row[idx] = nos[pos], rows[pos]
-            files += names
-            counts += [len(a) for a in per_file]
-        cuts = [0, *(np.flatnonzero(np.diff(file_no) != 0) + 1).tolist(), len(refs)]
-        out: list[tuple[str, np.ndarray | None]] = []
-        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-            no, rows = int(file_no[a]), file_row[a:b]
-            whole = len(rows) == counts[no] and np.array_equal(rows, np.arange(len(rows)))
-            out.append((files[no], None if whole else rows))
+    def embedding_rows(
+        self, refs: list[Ref], features: str
+    ) -> list[str | tuple[list[str], np.ndarray, np.ndarray]]:
+        """Where the embeddings of ``refs`` lie on storage, in ``refs`` order, without reading a
+        vector: per run of consecutive refs of one origin, either that origin's Parquet files
+        (when the run is all their rows in stored order) or ``(files, file_no, rows)``: ref i
+        of the run is row ``rows[i]`` of ``files[file_no[i]]``. Concatenated, they are
+        :meth:`gather_embeddings` of ``refs`` row for row. Reads each file's id column once."""
+        out: list[str | tuple[list[str], np.ndarray, np.ndarray]] = []
+        origins = [o for o, _ in refs]
+        start = 0
+        while start < len(refs):
+            stop = start + 1
+            while stop < len(refs) and origins[stop] == origins[start]:
+                stop += 1
+            out += self._origin_rows(origins[start], [i for _, i in refs[start:stop]], features)
+            start = stop
         return out
+
+    def _origin_rows(
+        self, origin: str, wanted: list[int], features: str
+    ) -> list[str | tuple[list[str], np.ndarray, np.ndarray]]:
+        files = _files(self.embeddings_uri(origin, features))
+        per_file = [_file_ids(f) for f in files]
+        ids = np.concatenate(per_file)
+        nos = np.repeat(np.arange(len(files), dtype=np.int32), [len(a) for a in per_file])
+        rows = np.concatenate([np.arange(len(a), dtype=np.int64) for a in per_file])
+        order = np.argsort(ids, kind="stable")
+        pos = order[self._rows(ids[order], np.asarray(wanted, dtype=np.int64), origin)]
+        if len(pos) == len(ids) and np.array_equal(pos, np.arange(len(ids))):
+            return list(files)  # every row, in stored order: the files themselves
+        return [(files, nos[pos], rows[pos])]
 
     def _rows(self, ids: np.ndarray, wanted: np.ndarray, origin: str) -> np.ndarray:
         pos = np.searchsorted(ids, wanted)

@@ -165,15 +165,15 @@ class Loop:
 
     def select_on_shards(self, candidates: list[Ref], n: int, seed: int) -> np.ndarray:
         """``select`` of ``n`` of ``candidates`` on ``knn.shards`` actors that read their own
-        rows from the embedding Parquet files (a file's chosen rows where the candidates are
-        part of it): the driver never holds the candidates' vectors (docs/design.md,
-        "Distributed selection")."""
+        rows from the embedding Parquet files (whole files, or chosen rows of them where the
+        candidates are not all of an origin's rows in stored order): the driver never holds the
+        candidates' vectors (docs/design.md, "Distributed selection")."""
         from raycollapse.stages.select_inputs import FileRows
         from raycollapse.stages.select_shards import select_sharded
 
         sel = self.cfg.select
         runs = self.cat.embedding_rows(candidates, sel_features(self.cfg))
-        files = [f if rows is None else FileRows(f, rows) for f, rows in runs]
+        files = [r if isinstance(r, str) else FileRows(*r) for r in runs]
         return select_sharded(
             files, sel.method, n, shards=min(int(self.cfg.knn.shards), len(candidates)),
             seed=seed, tau0=sel.tau0, decay=sel.decay,

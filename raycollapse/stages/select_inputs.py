@@ -2,9 +2,9 @@
 Parquet embedding shards (footers only here) or ``.npy`` files (headers only here); each actor
 then reads its own row ranges with :func:`read_pieces`.
 
-A pool may also be a list of files, some of them :class:`FileRows`: a file that stands for
-chosen rows of it, in a chosen order (the loop's candidates, a subset of several pools). Its
-row count is ``len(rows)``, and an actor reads and keeps only those rows."""
+A pool may also be a list of files, some of them :class:`FileRows`: chosen rows of several
+files in a chosen order (the loop's candidates, subsets of several pools). Its row count is
+``len(rows)``, and an actor reads and keeps only its rows of them."""
 
 from __future__ import annotations
 
@@ -26,22 +26,30 @@ __all__ = ["FileRows", "Pool", "npy_shape", "pool_of", "read_pieces"]
 
 
 class FileRows(str):
-    """A Parquet file path that stands for rows ``rows`` of that file, in that order.
+    """Rows of several Parquet files in a chosen order: row i is row ``rows[i]`` of
+    ``files[file_no[i]]``.
 
-    A ``str`` so that the row-range planning (:func:`plan_pieces`) carries it unchanged into the
-    :class:`Piece` an actor reads; :func:`read_pieces` then takes piece rows ``start .. stop-1``
-    of ``rows``. Pickles with its rows (it travels to the actors).
+    A ``str`` (the first file's path) so that the row-range planning (:func:`plan_pieces`)
+    carries it unchanged into the :class:`Piece` an actor reads; :func:`read_pieces` then reads
+    each file the piece touches once and takes its rows ``start .. stop-1``. Pickles with its
+    arrays (12 bytes per row; they travel to the actors).
     """
 
+    files: list[str]
+    file_no: np.ndarray
     rows: np.ndarray
 
-    def __new__(cls, path: str, rows: np.ndarray) -> FileRows:
-        obj = super().__new__(cls, path)
+    def __new__(cls, files: Sequence[str], file_no: np.ndarray, rows: np.ndarray) -> FileRows:
+        obj = super().__new__(cls, files[0])
+        obj.files = [str(f) for f in files]
+        obj.file_no = np.asarray(file_no, dtype=np.int32)
         obj.rows = np.asarray(rows, dtype=np.int64)
+        if obj.file_no.shape != obj.rows.shape:
+            raise ValueError("file_no and rows must have one entry per row")
         return obj
 
     def __reduce__(self) -> tuple:
-        return (FileRows, (str(self), self.rows))
+        return (FileRows, (self.files, self.file_no, self.rows))
 
 
 @dataclass(frozen=True)
@@ -118,17 +126,24 @@ def pool_of(
 
 
 def _listed_pool(files: list[str], column: str) -> Pool:
-    try:
-        full = parquet_row_counts(files, column)  # also checks the column is in every file
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise UserInputError(f"cannot read a listed Parquet shard ({exc})") from None
     counts = []
-    for f, rows in zip(files, full, strict=True):
+    for f in files:
+        parts = f.files if isinstance(f, FileRows) else [f]
+        try:
+            full = parquet_row_counts(parts, column)  # also checks the column is in every file
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise UserInputError(f"cannot read Parquet shard '{f}' ({exc})") from None
         if isinstance(f, FileRows):
-            if len(f.rows) and (f.rows.min() < 0 or f.rows.max() >= rows):
-                raise UserInputError(f"rows outside 0..{rows - 1} asked of Parquet shard '{f}'")
-            rows = len(f.rows)
-        counts.append(rows)
+            if len(f.rows) and (
+                f.file_no.min() < 0
+                or f.file_no.max() >= len(parts)
+                or f.rows.min() < 0
+                or np.any(f.rows >= np.asarray(full)[f.file_no])
+            ):
+                raise UserInputError(f"rows outside the Parquet shards asked of '{f}' and others")
+            counts.append(len(f.rows))
+        else:
+            counts.append(full[0])
     n = int(sum(counts))
     if n == 0:
         raise UserInputError("the listed Parquet shards hold no rows; pass a non-empty pool")
@@ -136,27 +151,42 @@ def _listed_pool(files: list[str], column: str) -> Pool:
 
 
 def read_pieces(pieces: Sequence[Piece], column: str) -> np.ndarray:
-    """The float32 rows of ``pieces`` (Parquet or ``.npy`` row ranges), concatenated."""
+    """The float32 rows of ``pieces`` (Parquet, ``.npy`` or :class:`FileRows` row ranges),
+    concatenated."""
     parts = []
     for p in pieces:
+        path = p.path
         try:
-            if p.path.endswith(".npy"):
+            if isinstance(path, FileRows):
+                parts.append(_chosen_rows(path, p.start, p.stop, column))
+            elif path.endswith(".npy"):
                 parts.append(_npy_rows(p))
             else:
-                table = read_parquet(p.path, columns=[column])
-                if isinstance(p.path, FileRows):  # the chosen rows, in their order
-                    table = table.take(pa.array(p.path.rows[p.start : p.stop]))
-                else:
-                    table = table.slice(p.start, p.stop - p.start)
+                table = read_parquet(path, columns=[column]).slice(p.start, p.stop - p.start)
                 values = table.column(column).combine_chunks()
-                parts.append(list_column_to_matrix(values, column, p.path))
+                parts.append(list_column_to_matrix(values, column, path))
         except (OSError, pa.ArrowInvalid) as exc:
             raise UserInputError(
-                f"cannot read shard file '{p.path}' ({exc}); it was listed when the selection "
+                f"cannot read shard file '{path}' ({exc}); it was listed when the selection "
                 "started: restore it or rerun on the files that exist"
             ) from None
     x = np.concatenate(parts) if len(parts) > 1 else parts[0]
     return x.astype(np.float32, copy=False)
+
+
+def _chosen_rows(fr: FileRows, start: int, stop: int, column: str) -> np.ndarray:
+    """Rows ``start .. stop-1`` of ``fr``, reading each file they lie in once."""
+    nos, rows = fr.file_no[start:stop], fr.rows[start:stop]
+    out: np.ndarray | None = None
+    for no in np.unique(nos):
+        at = np.flatnonzero(nos == no)
+        table = read_parquet(fr.files[no], columns=[column]).take(pa.array(rows[at]))
+        x = list_column_to_matrix(table.column(column).combine_chunks(), column, fr.files[no])
+        if out is None:
+            out = np.empty((stop - start, x.shape[1]), dtype=np.float32)
+        out[at] = x
+    assert out is not None, "a piece holds at least one row"
+    return out
 
 
 def _npy_rows(p: Piece) -> np.ndarray:

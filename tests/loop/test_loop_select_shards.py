@@ -140,11 +140,12 @@ def test_sharded_loop_selection_equals_plain(ray_local, run, paradigm, method):
 
 
 def test_embedding_rows_are_the_gathered_embeddings(run):
-    """The file runs the actors read are, concatenated, the driver's gathered rows in order."""
+    """The rows the actors read are, concatenated, the driver's gathered rows in order."""
     cat = Catalog(str(run), 3)
     refs = _candidates(run, "accumulate")[::-1]  # every origin, reordered
     runs = cat.embedding_rows(refs, "pixel")
-    files = [f if rows is None else FileRows(f, rows) for f, rows in runs]
+    assert len(runs) == 3 and not any(isinstance(r, str) for r in runs)  # one per origin run
+    files = [r if isinstance(r, str) else FileRows(*r) for r in runs]
     pool = pool_of(files)
     assert pool.n == len(refs)
     bounds = np.array([0, 7, 41, len(refs)])
@@ -152,12 +153,14 @@ def test_embedding_rows_are_the_gathered_embeddings(run):
         [read_pieces(p, "embedding") for p in plan_pieces(files, pool.counts, bounds)]
     )
     assert np.array_equal(got, cat.gather_embeddings(refs, "pixel"))
-    # a whole file in its stored order needs no row list
-    part = pq.read_table(run / "iter_001/embeddings/pixel/part-00000.parquet")
-    whole = [("gen_1", int(i)) for i in part.column("id").to_pylist()]
-    assert cat.embedding_rows(whole, "pixel") == [
-        (str(run / "iter_001/embeddings/pixel/part-00000.parquet"), None)
+    # every row of an origin in stored order: its files themselves, no row lists
+    folder = run / "iter_001/embeddings/pixel"
+    stored = [
+        ("gen_1", int(i))
+        for f in sorted(folder.glob("*.parquet"))
+        for i in pq.read_table(f).column("id").to_pylist()
     ]
+    assert cat.embedding_rows(stored, "pixel") == [str(f) for f in sorted(folder.glob("*.parquet"))]
 
 
 def test_sharded_pool_entropy_equals_plain(ray_local, run):
