@@ -2,7 +2,8 @@
 
 For each case m:B (pool multiple, training-set size) a run folder is laid out as the loop lays it out after iteration 0
 (training set refs, pool ``gen_0`` of N = m x B synthetic embeddings as Parquet shards
-``{id, embedding fixed_size_list<float32>}``, ids shuffled across files; the vectors are
+``{id, embedding fixed_size_list<float32>}``, ids contiguous per file as the loop writes them,
+or scattered with ``--shuffled``; the vectors are
 ``bench_scale.write_pool``'s clustered rows). Then, in a subprocess of its own (so that its
 ``ru_maxrss`` is its own), the loop's own code runs:
 
@@ -47,8 +48,12 @@ GB24 = 24e9
 LOOP_M = 5  # the loop's default pool_multiple, for the 24 GB extrapolation
 
 
-def write_run(folder: Path, b: int, m: int, d: int, files: int, seed: int = 0) -> Path:
-    """A run folder after iteration 0: its training set (B refs) and pool gen_0 (m x B rows)."""
+def write_run(
+    folder: Path, b: int, m: int, d: int, files: int, seed: int = 0, shuffled: bool = False
+) -> Path:
+    """A run folder after iteration 0: its training set (B refs) and pool gen_0 (m x B rows),
+    ids contiguous per file as the loop writes them, or (``shuffled``) scattered over the files,
+    the worst case of the actors' row lists (``FileRows``)."""
     emb = folder / "iter_000" / "embeddings" / FEATURES
     if emb.is_dir() and len(list(emb.glob("*.parquet"))) == files:
         return folder
@@ -56,7 +61,7 @@ def write_run(folder: Path, b: int, m: int, d: int, files: int, seed: int = 0) -
     raw = write_pool(folder / "npy", n, d, seed, 1)
     x = np.load(next(raw.glob("*.npy")), mmap_mode="r")
     emb.mkdir(parents=True)
-    order = np.random.default_rng(seed).permutation(n)  # ids shuffled across the files
+    order = np.random.default_rng(seed).permutation(n) if shuffled else np.arange(n)
     for j, part in enumerate(np.array_split(order, files)):
         rows = np.asarray(x[np.sort(part)], dtype=np.float32)
         table = pa.table(
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--files", type=int, default=4, help="Parquet files per pool")
     p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--shuffled", action="store_true",
+                   help="ids scattered over the files (the actors then get row lists)")  # fmt: skip
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--method", default="greedy", choices=["greedy", "threshold"])
     p.add_argument("--paths", nargs="+", default=["sharded", "single"],
@@ -254,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except (IndexError, ValueError):
         p.error(f"--grid takes m:B pairs of integers, got {args.grid}")
     for m, b in grid:
-        write_run(_folder(data, m, b), b, m, args.d, args.files)
+        write_run(_folder(data, m, b), b, m, args.d, args.files, shuffled=args.shuffled)
     argv_ = sys.argv[1:] if argv is None else argv
     results: dict[str, Any] = {"uptime_before": _uptime(), "args": vars(args), "cases": []}
     for path in args.paths:
@@ -297,7 +304,7 @@ def _section(r: dict[str, Any]) -> str:
     lines = [
         SECTION, "",
         f"`python benchmarks/bench_memory.py --data DIR --grid {' '.join(a['grid'])} "
-        f"--paths {' '.join(a['paths'])} "
+        f"--paths {' '.join(a['paths'])} {'--shuffled ' if a['shuffled'] else ''}"
         f"--shards {a['shards']} --d {a['d']} --method {a['method']}` "
         f"(a local Ray per case, {os.cpu_count()} cores). `uptime` before: `{r['uptime_before']}`; "
         f"after: `{r['uptime_after']}` (the host is shared).", "",
