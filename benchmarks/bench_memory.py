@@ -14,7 +14,7 @@ Two paths: ``sharded`` (``knn.shards = S``: the actors read their rows from the 
 ``loop/measure.py: pool_entropy_sharded``) and ``single`` (``knn.shards = 1``: the driver
 gathers the pool, in-process selection and ``kl_entropy``). Driver peak RSS after each phase;
 peak RSS of every shard actor (``bench_scale.ActorRss``: ``ray::...Shard`` processes, sampled
-every 0.2 s; with a Ray started by the case only its own descendants count). Per-row bytes are
+every 0.2 s; only the bench's own Ray's when it started one). Per-row bytes are
 least-squares coefficients of the peaks on (1, N, B) for the driver and (1, N / S, B) for an
 actor: varying m at a fixed B separates what grows with the pool from what grows with the
 budget. Usage::
@@ -46,6 +46,7 @@ SECTION = "## Memory: the loop's driver and workers"
 FEATURES = "pixel"
 GB24 = 24e9
 LOOP_M = 5  # the loop's default pool_multiple, for the 24 GB extrapolation
+ROOT_PID = "BENCH_MEMORY_RAY_PID"
 
 
 def write_run(
@@ -103,9 +104,8 @@ class OwnActorRss(ActorRss):
 _SEEN: set[int] = set()  # pids seen below this process (its Ray's raylet and workers)
 
 
-def _track_tree(stop: Any) -> None:
-    """Record the pids below this process (raylet -> workers) while the case runs."""
-    me = os.getpid()
+def _track_tree(stop: Any, me: int) -> None:
+    """Record the pids below process ``me`` (the Ray's raylet -> workers) while the case runs."""
     while not stop.wait(0.1):
         parent: dict[int, int] = {}
         for pid in os.listdir("/proc"):
@@ -142,14 +142,12 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     n = m * b
     run = str(_folder(Path(args.data), m, b))
     shards = args.shards if path == "sharded" else 1
-    own = not os.environ.get("RAY_ADDRESS")
+    root = os.environ.get(ROOT_PID)  # the bench's own Ray: its workers are that pid's descendants
+    own = root is not None
     stop = threading.Event()
-    threading.Thread(target=_track_tree, args=(stop,), daemon=True).start()
-    if own:  # a Ray of this case's own: its processes are this process's descendants
-        ray.init(address="local", num_cpus=max(2, shards), include_dashboard=False,
-                 log_to_driver=False, object_store_memory=200 * 2**20)  # fmt: skip
-    else:
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    if own:
+        threading.Thread(target=_track_tree, args=(stop, int(root)), daemon=True).start()
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     cfg = load_config(None, [
         f"loop.storage={run}", "loop.paradigm=replace", f"loop.train_size={b}",
         f"loop.metric_features=[{FEATURES}]", f"features.name={FEATURES}",
@@ -263,6 +261,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for m, b in grid:
         write_run(_folder(data, m, b), b, m, args.d, args.files, shuffled=args.shuffled)
     argv_ = sys.argv[1:] if argv is None else argv
+    env = dict(os.environ)
+    if not env.get("RAY_ADDRESS"):
+        # One Ray for all cases, started here (a Ray per case times out on a loaded host); each
+        # case connects as the loop's driver would and counts only this Ray's actors.
+        import ray
+
+        ray.init(address="local", num_cpus=max(2, args.shards), include_dashboard=False,
+                 log_to_driver=False, object_store_memory=200 * 2**20)  # fmt: skip
+        env = dict(os.environ)  # after init: it may have set the cluster's auth token there
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        env[ROOT_PID] = str(os.getpid())
     results: dict[str, Any] = {"uptime_before": _uptime(), "args": vars(args), "cases": []}
     for path in args.paths:
         for m, b in grid:
@@ -273,13 +282,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "--case",
                 f"{path}:{m}:{b}",
             ]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 case = {"path": path, "m": m, "b": b, "error": proc.stderr[-3000:]}
             else:
                 case = json.loads(proc.stdout.strip().splitlines()[-1])
             results["cases"].append(case)
             print(json.dumps(case), flush=True)
+    if ROOT_PID in env:
+        import ray
+
+        ray.shutdown()
     sel = {(c["path"], c["b"]): c.get("selected") for c in results["cases"]}
     results["same_size"] = all(v == k[1] for k, v in sel.items())
     results["fits"] = summarize(results, args)
@@ -306,7 +319,7 @@ def _section(r: dict[str, Any]) -> str:
         f"`python benchmarks/bench_memory.py --data DIR --grid {' '.join(a['grid'])} "
         f"--paths {' '.join(a['paths'])} {'--shuffled ' if a['shuffled'] else ''}"
         f"--shards {a['shards']} --d {a['d']} --method {a['method']}` "
-        f"(a local Ray per case, {os.cpu_count()} cores). `uptime` before: `{r['uptime_before']}`; "
+        f"(one local Ray, each case a driver process of its own, {os.cpu_count()} cores). `uptime` before: `{r['uptime_before']}`; "
         f"after: `{r['uptime_after']}` (the host is shared).", "",
         "| path | m | B | N = m B | select s | entropy s | driver peak MB (after select / total) "
         "| select actor peak MB (max) | entropy actor peak MB (max) |",
