@@ -16,7 +16,7 @@ from helpers import kl_entropy_direct, session_ray_address
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow  # ~60 s at load 30 on 2 cores: a subprocess driver, 4 actors
+@pytest.mark.slow  # 32-85 s here (load 5-30), the session Ray start included
 def test_bench_memory_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", session_ray_address())  # no second Ray on this machine
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}:{ROOT / 'tests'}")
