@@ -84,6 +84,48 @@ class Catalog:
             self._emb[key] = read_embeddings(self.embeddings_uri(origin, features))
         return self._emb[key]
 
+    def ids(self, origin: str, features: str) -> np.ndarray:
+        """The ids of ``origin`` embedded in ``features``, in id order (the order of
+        :meth:`embeddings`), reading only the id column when the vectors are not loaded."""
+        key = (origin, features)
+        if key in self._emb:
+            return self._emb[key][0]
+        uri = self.embeddings_uri(origin, features)
+        return np.sort(np.concatenate([_file_ids(f) for f in _files(uri)]))
+
+    def embedding_rows(
+        self, refs: list[Ref], features: str
+    ) -> list[str | tuple[list[str], np.ndarray, np.ndarray]]:
+        """Where the embeddings of ``refs`` lie on storage, in ``refs`` order, without reading a
+        vector: per run of consecutive refs of one origin, either that origin's Parquet files
+        (when the run is all their rows in stored order) or ``(files, file_no, rows)``: ref i
+        of the run is row ``rows[i]`` of ``files[file_no[i]]``. Concatenated, they are
+        :meth:`gather_embeddings` of ``refs`` row for row. Reads each file's id column once."""
+        out: list[str | tuple[list[str], np.ndarray, np.ndarray]] = []
+        origins = [o for o, _ in refs]
+        start = 0
+        while start < len(refs):
+            stop = start + 1
+            while stop < len(refs) and origins[stop] == origins[start]:
+                stop += 1
+            out += self._origin_rows(origins[start], [i for _, i in refs[start:stop]], features)
+            start = stop
+        return out
+
+    def _origin_rows(
+        self, origin: str, wanted: list[int], features: str
+    ) -> list[str | tuple[list[str], np.ndarray, np.ndarray]]:
+        files = _files(self.embeddings_uri(origin, features))
+        per_file = [_file_ids(f) for f in files]
+        ids = np.concatenate(per_file)
+        nos = np.repeat(np.arange(len(files), dtype=np.int32), [len(a) for a in per_file])
+        rows = np.concatenate([np.arange(len(a), dtype=np.int64) for a in per_file])
+        order = np.argsort(ids, kind="stable")
+        pos = order[self._rows(ids[order], np.asarray(wanted, dtype=np.int64), origin)]
+        if len(pos) == len(ids) and np.array_equal(pos, np.arange(len(ids))):
+            return list(files)  # every row, in stored order: the files themselves
+        return [(files, nos[pos], rows[pos])]
+
     def _rows(self, ids: np.ndarray, wanted: np.ndarray, origin: str) -> np.ndarray:
         pos = np.searchsorted(ids, wanted)
         if np.any(pos >= len(ids)) or np.any(ids[np.minimum(pos, len(ids) - 1)] != wanted):
@@ -122,6 +164,17 @@ def _group(refs: list[Ref]) -> list[tuple[str, np.ndarray]]:
     for i, (origin, _) in enumerate(refs):
         groups.setdefault(origin, []).append(i)
     return [(o, np.asarray(ix, dtype=np.int64)) for o, ix in groups.items()]
+
+
+def _files(uri: str) -> list[str]:
+    files = storage.list_files(uri)
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards under '{uri}'")
+    return files
+
+
+def _file_ids(path: str) -> np.ndarray:
+    return storage.read_parquet(path, columns=["id"]).column("id").to_numpy().astype(np.int64)
 
 
 def _first_schema(uri: str) -> pa.Schema:

@@ -52,9 +52,12 @@ def iteration_metrics(
     eps: float,
     fid_available: bool,
     paper: dict[str, Any] | None = None,
+    shards: int = 1,
 ) -> dict[str, Any]:
     """The metrics row of ``iteration`` (timings are added by the loop); ``paper``: the paper's
-    metric variants (``metrics.paper.paper_settings``), None = none."""
+    metric variants (``metrics.paper.paper_settings``), None = none. ``shards > 1``: the pool's
+    entropy on that many Ray actors that read the pool's embedding files themselves
+    (:func:`pool_entropy_sharded`, the same value)."""
     gen = origin_of(iteration)
     row: dict[str, Any] = {"iteration": iteration, "train_size": len(train_refs)}
     for i, f in enumerate(features):
@@ -66,7 +69,11 @@ def iteration_metrics(
         nn = knn_search(train_x, gen_x, 2)
         d1, d2 = nn.distances[:, 0], nn.distances[:, 1]
         row[f"entropy_train{suffix}"] = _entropy(train_x, k, eps)
-        row[f"entropy_pool{suffix}"] = _entropy(pool_x, k, eps)
+        row[f"entropy_pool{suffix}"] = (
+            _entropy(pool_x, k, eps)
+            if shards <= 1
+            else pool_entropy_sharded(cat.embeddings_uri(gen, f), len(pool_x), k, eps, shards)
+        )
         row[f"entropy_generated{suffix}"] = _entropy(gen_x, k, eps)
         row[f"generalization_score{suffix}"] = generalization_from_distances(d1)
         row[f"memorized_fraction{suffix}"] = memorized_from_distances(d1, d2, MEMORIZED_RATIO)
@@ -86,6 +93,24 @@ def iteration_metrics(
     return {
         k_: (None if isinstance(v, float) and not math.isfinite(v) else v) for k_, v in row.items()
     }
+
+
+def pool_entropy_sharded(uri: str, n: int, k: int, eps: float, shards: int) -> float | None:
+    """KL entropy of the ``n`` rows of the embedding shards under ``uri`` on ``min(shards, n)``
+    kNN shard actors that read their rows from the files (the driver gets back r_k, 8 bytes per
+    row); the same r_k as in-process, so the same value up to the order of the final sum when
+    the files do not hold the rows in id order."""
+    if n <= k:
+        return None
+    from raycollapse.stages.knn_shards import ShardedIndex
+    from raycollapse.stages.runtime import ensure_ray
+    from raycollapse.stages.select_shards import auto_cpus_per_shard
+
+    ensure_ray()
+    shards = min(shards, n)
+    files = storage.list_files(uri)
+    with ShardedIndex.build(files, shards, num_cpus_per_shard=auto_cpus_per_shard(shards)) as idx:
+        return idx.entropy(k, eps).entropy
 
 
 def write_samples_png(cat: Catalog, iteration: int, uri: str) -> None:

@@ -122,8 +122,9 @@ class Loop:
 
     def next_train_set(self, t: int) -> list[Ref]:
         cfg, loop, sel = self.cfg, self.cfg.loop, self.cfg.select
+        # Ids only (not the vectors): the sharded path never loads a pool's embeddings here.
         pools = [
-            [(origin_of(k), int(i)) for i in self.cat.embeddings(origin_of(k), self.features[0])[0]]
+            [(origin_of(k), int(i)) for i in self.cat.ids(origin_of(k), self.features[0])]
             for k in range(t)
         ]
         plan = plan_next(
@@ -140,20 +141,14 @@ class Loop:
             idx = baseline_indices(
                 plan.candidates, n, seed=seed, method=sel.method, shares=loop.accumulate_baseline
             )
+        elif cfg.knn.shards > 1:  # S actors, the same indices as the in-process selection
+            idx = self.select_on_shards(plan.candidates, n, seed)
         else:
             x = self.cat.gather_embeddings(plan.candidates, sel_features(cfg))
-            if cfg.knn.shards > 1:  # S actors, the same indices as the in-process selection
-                from raycollapse.stages.select_shards import select_sharded
-
-                idx = select_sharded(
-                    x, sel.method, n, shards=min(int(cfg.knn.shards), len(x)), seed=seed,
-                    tau0=sel.tau0, decay=sel.decay,
-                ).indices  # fmt: skip
-            else:
-                idx = select(
-                    x, sel.method, n, seed=seed, tau0=sel.tau0, decay=sel.decay,
-                    device=sel.device, backend=sel.backend,
-                ).indices  # fmt: skip
+            idx = select(
+                x, sel.method, n, seed=seed, tau0=sel.tau0, decay=sel.decay,
+                device=sel.device, backend=sel.backend,
+            ).indices  # fmt: skip
         refs = plan.keep + [plan.candidates[int(i)] for i in idx]
         if plan.n_fresh:
             used = {
@@ -167,6 +162,22 @@ class Loop:
                 ("real", int(i)) for i in pick_fresh_real(real_ids, used, plan.n_fresh, cfg.seed, t)
             ]
         return refs
+
+    def select_on_shards(self, candidates: list[Ref], n: int, seed: int) -> np.ndarray:
+        """``select`` of ``n`` of ``candidates`` on ``knn.shards`` actors that read their own
+        rows from the embedding Parquet files (whole files, or chosen rows of them where the
+        candidates are not all of an origin's rows in stored order): the driver never holds the
+        candidates' vectors (docs/design.md, "Distributed selection")."""
+        from raycollapse.stages.select_inputs import FileRows
+        from raycollapse.stages.select_shards import select_sharded
+
+        sel = self.cfg.select
+        runs = self.cat.embedding_rows(candidates, sel_features(self.cfg))
+        files = [r if isinstance(r, str) else FileRows(*r) for r in runs]
+        return select_sharded(
+            files, sel.method, n, shards=min(int(self.cfg.knn.shards), len(candidates)),
+            seed=seed, tau0=sel.tau0, decay=sel.decay,
+        ).indices  # fmt: skip
 
     def stage_train(self, t: int) -> dict[str, Any]:
         from raycollapse.stages.train_local import run_training
@@ -228,7 +239,7 @@ class Loop:
         row = iteration_metrics(
             self.cat, t, refs, features=self.features, k=self.cfg.knn.k, eps=self.cfg.knn.eps,
             fid_available=fid_available(self.features, self.feature_cfg("inception")["pretrained"]),
-            paper=paper_settings(self.cfg),
+            paper=paper_settings(self.cfg), shards=int(self.cfg.knn.shards),
         )  # fmt: skip
         for stage in STAGES[:-1]:
             info = self.rd.stage_info(t, stage)

@@ -1,6 +1,10 @@
 """Where sharded selection and entropy get their rows without gathering them on the driver:
 Parquet embedding shards (footers only here) or ``.npy`` files (headers only here); each actor
-then reads its own row ranges with :func:`read_pieces`."""
+then reads its own row ranges with :func:`read_pieces`.
+
+A pool may also be a list of files, some of them :class:`FileRows`: chosen rows of several
+files in a chosen order (the loop's candidates, subsets of several pools). Its row count is
+``len(rows)``, and an actor reads and keeps only its rows of them."""
 
 from __future__ import annotations
 
@@ -18,7 +22,34 @@ from raycollapse.io.storage import open_fs, read_parquet
 from raycollapse.neighbors.validate import as_features
 from raycollapse.stages.knn_shard_inputs import Piece, embedding_parquet_files, parquet_row_counts
 
-__all__ = ["Pool", "npy_shape", "pool_of", "read_pieces"]
+__all__ = ["FileRows", "Pool", "npy_shape", "pool_of", "read_pieces"]
+
+
+class FileRows(str):
+    """Rows of several Parquet files in a chosen order: row i is row ``rows[i]`` of
+    ``files[file_no[i]]``.
+
+    A ``str`` (the first file's path) so that the row-range planning (:func:`plan_pieces`)
+    carries it unchanged into the :class:`Piece` an actor reads; :func:`read_pieces` then reads
+    each file the piece touches once and takes its rows ``start .. stop-1``. Pickles with its
+    arrays (12 bytes per row; they travel to the actors).
+    """
+
+    files: list[str]
+    file_no: np.ndarray
+    rows: np.ndarray
+
+    def __new__(cls, files: Sequence[str], file_no: np.ndarray, rows: np.ndarray) -> FileRows:
+        obj = super().__new__(cls, files[0])
+        obj.files = [str(f) for f in files]
+        obj.file_no = np.asarray(file_no, dtype=np.int32)
+        obj.rows = np.asarray(rows, dtype=np.int64)
+        if obj.file_no.shape != obj.rows.shape:
+            raise ValueError("file_no and rows must have one entry per row")
+        return obj
+
+    def __reduce__(self) -> tuple:
+        return (FileRows, (self.files, self.file_no, self.rows))
 
 
 @dataclass(frozen=True)
@@ -51,9 +82,14 @@ def npy_shape(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
     return shape, dtype, offset
 
 
-def pool_of(source: np.ndarray | str | Path, column: str = EMBEDDING_COLUMN) -> Pool:
+def pool_of(
+    source: np.ndarray | str | Path | Sequence[str], column: str = EMBEDDING_COLUMN
+) -> Pool:
     """The pool behind ``source``: an (N, d) array, Parquet embedding shards (file, folder or
-    URI) or ``.npy`` embedding files (a file or a folder of them, in sorted order)."""
+    URI), ``.npy`` embedding files (a file or a folder of them, in sorted order) or an explicit
+    list of Parquet files and :class:`FileRows` (rows in list order)."""
+    if isinstance(source, list | tuple) and source and all(isinstance(f, str) for f in source):
+        return _listed_pool(list(source), column)
     if not isinstance(source, (str, Path)):
         x = as_features(source, "features", min_rows=1)
         return Pool(len(x), array=x)
@@ -89,24 +125,68 @@ def pool_of(source: np.ndarray | str | Path, column: str = EMBEDDING_COLUMN) -> 
     return Pool(n, files=files, counts=counts)
 
 
+def _listed_pool(files: list[str], column: str) -> Pool:
+    counts = []
+    for f in files:
+        parts = f.files if isinstance(f, FileRows) else [f]
+        try:
+            full = parquet_row_counts(parts, column)  # also checks the column is in every file
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise UserInputError(f"cannot read Parquet shard '{f}' ({exc})") from None
+        if isinstance(f, FileRows):
+            if len(f.rows) and (
+                f.file_no.min() < 0
+                or f.file_no.max() >= len(parts)
+                or f.rows.min() < 0
+                or np.any(f.rows >= np.asarray(full)[f.file_no])
+            ):
+                raise UserInputError(f"rows outside the Parquet shards asked of '{f}' and others")
+            counts.append(len(f.rows))
+        else:
+            counts.append(full[0])
+    n = int(sum(counts))
+    if n == 0:
+        raise UserInputError("the listed Parquet shards hold no rows; pass a non-empty pool")
+    return Pool(n, files=files, counts=counts)
+
+
 def read_pieces(pieces: Sequence[Piece], column: str) -> np.ndarray:
-    """The float32 rows of ``pieces`` (Parquet or ``.npy`` row ranges), concatenated."""
+    """The float32 rows of ``pieces`` (Parquet, ``.npy`` or :class:`FileRows` row ranges),
+    concatenated."""
     parts = []
     for p in pieces:
+        path = p.path
         try:
-            if p.path.endswith(".npy"):
+            if isinstance(path, FileRows):
+                parts.append(_chosen_rows(path, p.start, p.stop, column))
+            elif path.endswith(".npy"):
                 parts.append(_npy_rows(p))
             else:
-                table = read_parquet(p.path, columns=[column]).slice(p.start, p.stop - p.start)
+                table = read_parquet(path, columns=[column]).slice(p.start, p.stop - p.start)
                 values = table.column(column).combine_chunks()
-                parts.append(list_column_to_matrix(values, column, p.path))
+                parts.append(list_column_to_matrix(values, column, path))
         except (OSError, pa.ArrowInvalid) as exc:
             raise UserInputError(
-                f"cannot read shard file '{p.path}' ({exc}); it was listed when the selection "
+                f"cannot read shard file '{path}' ({exc}); it was listed when the selection "
                 "started: restore it or rerun on the files that exist"
             ) from None
     x = np.concatenate(parts) if len(parts) > 1 else parts[0]
     return x.astype(np.float32, copy=False)
+
+
+def _chosen_rows(fr: FileRows, start: int, stop: int, column: str) -> np.ndarray:
+    """Rows ``start .. stop-1`` of ``fr``, reading each file they lie in once."""
+    nos, rows = fr.file_no[start:stop], fr.rows[start:stop]
+    out: np.ndarray | None = None
+    for no in np.unique(nos):
+        at = np.flatnonzero(nos == no)
+        table = read_parquet(fr.files[no], columns=[column]).take(pa.array(rows[at]))
+        x = list_column_to_matrix(table.column(column).combine_chunks(), column, fr.files[no])
+        if out is None:
+            out = np.empty((stop - start, x.shape[1]), dtype=np.float32)
+        out[at] = x
+    assert out is not None, "a piece holds at least one row"
+    return out
 
 
 def _npy_rows(p: Piece) -> np.ndarray:
