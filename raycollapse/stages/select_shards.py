@@ -18,6 +18,7 @@ candidates and accepted points: its memory depends on the budget and ``S``, not 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,7 @@ def auto_cpus_per_shard(shards: int) -> float:
 
 
 def select_sharded(
-    source: np.ndarray | str | Path,
+    source: np.ndarray | str | Path | Sequence[str],
     method: str,
     budget: int,
     *,
@@ -142,8 +143,9 @@ def select_sharded(
 ) -> Selection:
     """:func:`~raycollapse.curation.select.select` on ``shards`` actors; same result.
 
-    ``source``: an (N, d) array, Parquet embedding shards (file, folder or URI) or a ``.npy``
-    file (each actor reads its own rows). ``approximate``: greedy only, the two-round greedy
+    ``source``: an (N, d) array, Parquet embedding shards (file, folder, URI or a list of files,
+    or a ``FileRows`` subset of their rows, as the loop passes its candidates) or a ``.npy`` file
+    (each actor reads its own rows). ``approximate``: greedy only, the two-round greedy
     (not equal to the exact one). ``num_cpus_per_shard``: Ray CPUs per actor (None:
     :func:`auto_cpus_per_shard`). Bad arguments raise UserInputError before any actor starts.
     """
