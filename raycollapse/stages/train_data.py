@@ -84,6 +84,17 @@ def _read(files: list[str], columns: list[str]) -> ray.data.Dataset:
     return ds.map_batches(_normalise, batch_format="pyarrow", zero_copy_batch=True)
 
 
+def training_files(source: str | Path) -> list[str]:
+    """The Parquet files of a training set folder or URI; none is a user error."""
+    files = storage.list_files(source, ".parquet")
+    if not files:
+        raise UserInputError(
+            f"training set '{source}' holds no Parquet files; pass a folder of shards written by "
+            "`raycollapse generate` / the loop, or in-memory records."
+        )
+    return files
+
+
 def training_dataset(source: str | Path | Records) -> tuple[ray.data.Dataset, np.ndarray, str]:
     """``(materialised dataset, labels (-1 = none), source name)`` for Parquet shards or Records."""
     if isinstance(source, Records):
@@ -97,12 +108,7 @@ def training_dataset(source: str | Path | Records) -> tuple[ray.data.Dataset, np
             }
         )
         return ray.data.from_arrow(table).materialize(), source.labels, source.source
-    files = storage.list_files(source, ".parquet")
-    if not files:
-        raise UserInputError(
-            f"training set '{source}' holds no Parquet files; pass a folder of shards written by "
-            "`raycollapse generate` / the loop, or in-memory records."
-        )
+    files = training_files(source)
     value, has_label = _check_columns(files, source)
     # Files with and without labels are read apart: one read needs one schema.
     labelled = [f for f, h in zip(files, has_label, strict=True) if h]

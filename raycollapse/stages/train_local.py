@@ -43,17 +43,17 @@ def read_training_set(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, bool]:
     """``(ids, images or vectors, labels with -1, source name, vector data?)`` of a whole training
     set, sorted by id: what ``read_shard`` gives Ray Train's only worker, read here with pyarrow."""
-    from raycollapse.stages.train_data import _check_columns, _normalise, batch_to_arrays
+    from raycollapse.stages.train_data import (
+        _check_columns,
+        _normalise,
+        batch_to_arrays,
+        training_files,
+    )
 
     if isinstance(source, Records):
         order = np.argsort(source.ids, kind="stable")
         return source.ids[order], source.images[order], source.labels[order], source.source, False
-    files = storage.list_files(source, ".parquet")
-    if not files:
-        raise UserInputError(
-            f"training set '{source}' holds no Parquet files; pass a folder of shards written by "
-            "`raycollapse generate` / the loop, or in-memory records."
-        )
+    files = training_files(source)
     value, _ = _check_columns(files, source)
     parts = []
     for f in files:
@@ -74,8 +74,10 @@ def count_rows(source: str | Path | Records) -> int:
 
     if isinstance(source, Records):
         return len(source.ids)
+    from raycollapse.stages.train_data import training_files
+
     total = 0
-    for f in storage.list_files(source, ".parquet"):
+    for f in training_files(source):
         fs, path = storage.open_fs(f)
         total += pq.read_metadata(path, filesystem=fs).num_rows
     return total
