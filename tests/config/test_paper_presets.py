@@ -74,6 +74,8 @@ TOY = [
     "metrics.torchvision_inception=none", "metrics.paper_generalization_generated=4",
     "metrics.paper_generalization_train=4", "metrics.fid_torchvision_generated=8",
     "resources.generate_gpus_per_actor=0", "resources.embed_gpus_per_actor=0",
+    # in the driver's process: toy pools take less time than an actor's start-up
+    "resources.generate_actors=0", "resources.embed_actors=0",
 ]  # fmt: skip
 
 
