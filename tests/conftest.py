@@ -1,4 +1,4 @@
-"""Shared fixtures. One local Ray for the whole session, started on first use and reused.
+"""Shared fixtures. One local Ray per pytest session (per xdist worker), started on first use and reused.
 
 A multi-node test (``ray_cluster``) shuts the local Ray down and starts a
 ``ray.cluster_utils.Cluster``; the next test that asks for ``ray_local`` starts a local one again.

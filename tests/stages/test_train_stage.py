@@ -8,6 +8,7 @@ ends like an uninterrupted one" exact comparisons.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ from raycollapse.stages.train_data import (
     read_shard,
     training_dataset,
 )
+from raycollapse.stages.train_local import train_in_process
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores oversubscribe: up to 40x slower
 
@@ -169,6 +171,24 @@ def test_train_with_workers(tmp_path, ray_local, digits, workers):
         assert got_losses == losses
         _assert_same_weights(trained, model)
         _assert_same_weights(ckpt.unet, averaged)
+        # train.launcher=process (stages/train_local.py) writes the same checkpoint, file for
+        # file and byte for byte (the config copies included: both ran the same config)
+        here = train_in_process(cfg, digits, tmp_path / "here", storage_path=tmp_path / "st",
+                                run_name="r")  # fmt: skip
+        files = sorted(
+            str(p.relative_to(out["checkpoint"]))
+            for p in Path(out["checkpoint"]).rglob("*")
+            if p.is_file()
+        )
+        assert any(f.endswith(".safetensors") for f in files) and files == sorted(
+            str(p.relative_to(here["checkpoint"]))
+            for p in Path(here["checkpoint"]).rglob("*")
+            if p.is_file()
+        )
+        _, mismatch, errors = filecmp.cmpfiles(
+            out["checkpoint"], here["checkpoint"], files, shallow=False
+        )
+        assert not mismatch and not errors, mismatch
     else:  # every rank saved its own RNG state into the merged checkpoint folder
         assert {p.name for p in (tmp_path / "ray" / "r" / "step-00000020").iterdir()} == {
             "train_state.pt", "rank_000.pt", "rank_001.pt"

@@ -122,10 +122,9 @@ class KillOnce:
 
 
 @pytest.mark.slow
-def test_two_streaming_workers_train_resume_and_rerun(tmp_path, ray_local, pool):
+def test_two_streaming_workers_train_and_resume(tmp_path, ray_local, pool):
     """Both workers stream; rank 0 dies at step 7 and the group resumes from step 5's checkpoint
-    (weights, optimiser and each rank's stream position); a re-run of the finished run does
-    nothing and keeps its result."""
+    (weights, optimiser and each rank's stream position)."""
     cfg = _cfg("train.steps=10", "train.checkpoint_every=5", "train.max_failures=1",
                f"train.stream_buffer={N // 2}")  # fmt: skip
     marker = tmp_path / "killed.txt"
@@ -144,10 +143,4 @@ def test_two_streaming_workers_train_resume_and_rerun(tmp_path, ray_local, pool)
     ckpt = load_checkpoint(
         out["checkpoint"], expect={"preset": "tiny", "resolution": 8, "channels": 1}
     )
-    again = train_distributed(
-        cfg, pool, tmp_path / "ckpt2", storage_path=tmp_path / "ray", run_name="s"
-    )
-    assert again["start_step"] == 10  # the finished run is not trained again
-    rerun = load_checkpoint(again["checkpoint"]).unet.state_dict()
-    for name, x in ckpt.unet.state_dict().items():
-        assert torch.equal(x, rerun[name]), name
+    assert ckpt.meta["steps"] == 10 and ckpt.meta["workers"] == 2
