@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 from raycollapse.errors import UserInputError
 from raycollapse.features.base import TorchExtractor, load_error, resize_crop_normalise, seeded
-from raycollapse.features.weights import ResolvedWeights
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a type only: weights.py calls check_clip_file, so no import back at run time
     import torch
+
+    from raycollapse.features.weights import ResolvedWeights
 
 __all__ = ["check_clip_file", "clip_extractor"]
 
