@@ -33,7 +33,14 @@ try:
 
     from raycollapse.curation.entropy import kl_entropy
     from raycollapse.curation.select import greedy_run, threshold_select
-    from raycollapse.diffusion.sampling import images_to_tensor, make_scheduler, sample_images
+    from raycollapse.diffusion.sampling import (
+        images_to_tensor,
+        make_scheduler,
+        sample_images,
+        sampling_autocast,
+        sampling_network,
+    )
+    from raycollapse.diffusion.train_parts import channels_last_on_cuda
     from raycollapse.diffusion.trainer import EMA, make_optimizer, train_step
     from raycollapse.diffusion.unet import build_unet
     from raycollapse.neighbors.device import faiss_has_gpu
@@ -141,15 +148,19 @@ def _fits(fn: Any, dev: str) -> float | None:
 
 
 def bench_generation(dev: str, batches: list[int], steps: int) -> dict:
-    model = build_unet("unet48", resolution=32, channels=3, seed=0).to(dev)
+    # The generation stage's path: channels-last on CUDA, sample.precision=auto (bf16 on CUDA).
+    model = sampling_network(
+        build_unet("unet48", resolution=32, channels=3, seed=0).to(dev), dev, False
+    )
     sched = make_scheduler()
     cuda = dev.startswith("cuda")
 
     def run(batch: int, steps_: int, bf16: bool) -> Any:
+        amp = sampling_autocast("auto" if bf16 else "fp32", dev)
+
         def go() -> None:
-            with torch.autocast("cuda", torch.bfloat16, enabled=bf16 and cuda):
-                sample_images(model, sched, np.arange(batch), seed=0, sampler="ddim",
-                              steps=steps_, eta=0.5, group_size=batch, device=dev)  # fmt: skip
+            sample_images(model, sched, np.arange(batch), seed=0, sampler="ddim", steps=steps_,
+                          eta=0.5, group_size=batch, device=dev, amp_dtype=amp)  # fmt: skip
 
         return go
 
@@ -175,6 +186,7 @@ def bench_training(dev: str, batches: list[int], steps: int) -> dict:
     tried = []
     for batch in batches:
         model = build_unet("unet48", resolution=32, channels=3, seed=0).to(dev)
+        channels_last_on_cuda(model, dev)  # as train_loop does
         opt = make_optimizer(model, 1e-4)
         ema = EMA(model, 0.999)
         sched = make_scheduler()

@@ -199,7 +199,13 @@ def run(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, cfg, work: Path | None) -> int:
     sc = cfg.sample
     from raycollapse.diffusion.checkpoint import load_checkpoint
-    from raycollapse.diffusion.sampling import resolve_labels, sample_images, sampling_scheduler
+    from raycollapse.diffusion.sampling import (
+        resolve_labels,
+        sample_images,
+        sampling_autocast,
+        sampling_network,
+        sampling_scheduler,
+    )
     from raycollapse.diffusion.train_parts import resolve_device
 
     device = resolve_device(sc.use_gpu, "sample.use_gpu (--gpu)")
@@ -214,6 +220,8 @@ def _generate(args: argparse.Namespace, cfg, work: Path | None) -> int:
         )  # fmt: skip
 
     labels_for(np.zeros(1, dtype=np.int64))  # refuse guidance / label problems before any work
+    amp = sampling_autocast(sc.precision, device)
+    net = sampling_network(ckpt.unet, device, sc.compile)
     steps = sampling_scheduler(ckpt.scheduler, sc.sampler, sc.steps).timesteps.numel()
     kind, write, finish, done = _writer(str(sc.out), work)
     # Calls hold whole aligned groups, so no group is evaluated twice: batch_size rounds up to them.
@@ -225,9 +233,9 @@ def _generate(args: argparse.Namespace, cfg, work: Path | None) -> int:
         if done(ids):
             continue
         imgs = sample_images(
-            ckpt.unet, ckpt.scheduler, ids, seed=sc.seed, sampler=sc.sampler, steps=sc.steps, eta=sc.eta,
+            net, ckpt.scheduler, ids, seed=sc.seed, sampler=sc.sampler, steps=sc.steps, eta=sc.eta,
             labels_for=labels_for, guidance=sc.guidance, null_label=ckpt.null_label,
-            group_size=sc.group_size, device=device,
+            group_size=sc.group_size, device=device, amp_dtype=amp,
         )  # fmt: skip
         if write is not None:
             write(ids, imgs, labels_for(ids), source)

@@ -85,7 +85,12 @@ def _train(cfg) -> int:
     from raycollapse.config.checks import resolve_launcher
     from raycollapse.data.sources import load_records
     from raycollapse.diffusion.checkpoint import load_finetune_base, model_meta, save_checkpoint
-    from raycollapse.diffusion.sampling import resolve_labels, sample_images, scheduler_from_config
+    from raycollapse.diffusion.sampling import (
+        resolve_labels,
+        sample_images,
+        sampling_autocast,
+        scheduler_from_config,
+    )
     from raycollapse.diffusion.train_parts import resolve_device
     from raycollapse.diffusion.trainer import state_file, train_loop
     from raycollapse.diffusion.unet import build_unet, count_parameters
@@ -157,7 +162,7 @@ def _train(cfg) -> int:
         class_conditional=mc.class_conditional, num_classes=mc.num_classes, label_dropout=mc.label_dropout,
         device=device, resume=resume, checkpoint=save_state, checkpoint_every=tc.checkpoint_every,
         callbacks=[log_progress], adam_beta1=tc.adam_beta1, adam_beta2=tc.adam_beta2,
-        sample_from=tc.sample_from,
+        sample_from=tc.sample_from, compile=tc.compile,
     )  # fmt: skip
     ema.copy_to(model)
     model.eval()
@@ -177,7 +182,7 @@ def _train(cfg) -> int:
         imgs = sample_images(
             model, scheduler, np.arange(tc.sample_grid), seed=sc.seed, sampler=sc.sampler, steps=sc.steps,
             eta=sc.eta, labels_for=labels_for, guidance=sc.guidance, null_label=mc.num_classes if mc.class_conditional else None,
-            group_size=sc.group_size, device=device,
+            group_size=sc.group_size, device=device, amp_dtype=sampling_autocast(sc.precision, device),
         )  # fmt: skip
         grid = str(out / "samples.png")
         save_grid(imgs, grid)

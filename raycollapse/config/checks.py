@@ -57,6 +57,7 @@ def check_train_command(cfg: Config) -> None:
     check_sample_labels(cfg)
     if cfg.train.sample_grid > 0:
         check_sample(cfg.sample, num_train_timesteps=cfg.diffusion.num_train_timesteps)
+        check_sample_precision(cfg.sample, on_gpu=cfg.train.use_gpu, gpu_key="train.use_gpu")
     check_paper_train(cfg.train)
 
 
@@ -69,6 +70,10 @@ def check_generate_command(cfg: Config) -> None:
         raise UserInputError(f"sample.n (--n) must be >= 1, got {sample.n}.")
     check_sample(sample, num_train_timesteps=None)
     check_resources(cfg.resources)
+    gpus = cfg.resources.generate_gpus_per_actor
+    check_sample_precision(
+        sample, on_gpu=sample.use_gpu or gpus > 0, gpu_key="sample.use_gpu (--gpu)"
+    )
 
 
 def check_run(cfg: Config) -> None:
@@ -80,6 +85,10 @@ def check_run(cfg: Config) -> None:
     check_train(cfg.train, init_from_required=False)
     check_sample_labels(cfg)
     check_sample(cfg.sample, num_train_timesteps=cfg.diffusion.num_train_timesteps)
+    check_sample_precision(
+        cfg.sample, on_gpu=cfg.resources.generate_gpus_per_actor > 0,
+        gpu_key="resources.generate_gpus_per_actor",
+    )  # fmt: skip
     check_knn(cfg.knn)
     check_select(cfg.select, budget_required=False)
     check_resources(cfg.resources)
@@ -214,6 +223,16 @@ def check_sample(sample: SampleConfig, *, num_train_timesteps: int | None) -> No
         if sample.steps < 1 or (top is not None and sample.steps > top):
             bound = f"between 1 and {top}" if top is not None else ">= 1"
             raise UserInputError(f"sample.steps must be {bound} for DDIM, got {sample.steps}.")
+
+
+def check_sample_precision(sample: SampleConfig, *, on_gpu: bool, gpu_key: str) -> None:
+    """``sample.precision=bf16`` needs the sampling on CUDA (``gpu_key`` puts it there); the
+    GPU's own bf16 support is checked where the model is loaded."""
+    if sample.precision == "bf16" and not on_gpu:
+        raise UserInputError(
+            f"sample.precision=bf16 needs CUDA but sampling runs on the CPU here ({gpu_key} is "
+            "off); use sample.precision=auto (bf16 on a GPU that has it, else fp32) or fp32."
+        )
 
 
 def check_features(features: FeaturesConfig, names: tuple[str, ...] | None = None) -> None:

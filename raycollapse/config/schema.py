@@ -19,6 +19,7 @@ Feature = Literal["pixel", "clip", "dinov2", "inception"]
 SelectMethod = Literal["none", "random", "greedy", "threshold"]
 Paradigm = Literal["replace", "accumulate", "accumulate_all", "fresh"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+SamplePrecision = Literal["auto", "fp32", "bf16"]
 Init = Literal["scratch", "finetune"]
 ComputeBackend = Literal["auto", "numpy", "torch"]
 Launcher = Literal["auto", "ray", "process"]
@@ -142,6 +143,9 @@ class TrainConfig:
     """AdamW beta1, in [0, 1) (the paper's code: 0.95)."""
     adam_beta2: float = 0.999
     """AdamW beta2, in [0, 1) (the paper's code: 0.999)."""
+    compile: bool = False
+    """torch.compile the network for training (inductor; needs a C++ compiler on CPU workers):
+    faster steps after a slow first one, and other rounding than eager mode."""
     sample_from: Literal["ema", "raw"] = "ema"
     """The weights saved and sampled: ema (the moving average, train.ema_decay) or raw (the last
     step's; the paper's code, which keeps no EMA unless run with --use_ema)."""
@@ -176,6 +180,12 @@ class SampleConfig:
     """Samples per network evaluation (>= 1), aligned to sample ids; changing it changes rounding."""
     use_gpu: bool = False
     """``raycollapse generate`` on CUDA (an error where there is none)."""
+    precision: SamplePrecision = "auto"
+    """The network's precision while sampling: auto (bf16 autocast on a CUDA GPU that has it,
+    else fp32), fp32, or bf16 (needs such a GPU). Part of a pool's identity."""
+    compile: bool = False
+    """torch.compile the network for sampling (faster on GPUs after the first, slow group;
+    other rounding than eager mode). Part of a pool's identity."""
     seed: int = 0
     """Pool seed: sample i depends only on (checkpoint, seed, i, sampler settings); the loop derives
     one per iteration from the run seed."""

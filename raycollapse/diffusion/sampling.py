@@ -220,7 +220,85 @@ def guided_eps(
     return eps_u + guidance * (eps_c - eps_u)
 
 
+def sampling_autocast(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of ``sample.precision`` on ``device``; ``None`` means fp32.
+
+    ``auto``: bf16 on a CUDA GPU that has it (tensor cores; the network's convolutions and
+    matmuls only: the noise, the scheduler step and the images stay fp32), else fp32. ``bf16``
+    without CUDA, or on a GPU without bf16, is refused, never silently run in fp32.
+    """
+    device = torch.device(device)
+    if precision == "fp32":
+        return None
+    if precision not in ("auto", "bf16"):
+        raise UserInputError(f"sample.precision must be auto, fp32 or bf16, got {precision!r}.")
+    has_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return torch.bfloat16 if has_bf16 else None
+    if not has_bf16:
+        raise UserInputError(
+            f"sample.precision=bf16 needs a CUDA GPU with bf16 (sampling on {device.type}); "
+            "use sample.precision=auto or fp32."
+        )
+    return torch.bfloat16
+
+
+def sampling_network(
+    model: torch.nn.Module, device: torch.device | str, compile: bool | str
+) -> torch.nn.Module:
+    """The network as the sampler calls it: channels-last on CUDA for image networks, and
+    ``torch.compile`` when ``compile`` (sample.compile) is set (see ``diffusion.train_parts``)."""
+    from raycollapse.diffusion.train_parts import channels_last_on_cuda, forward_network
+
+    channels_last_on_cuda(model, device)
+    return forward_network(model, compile)
+
+
 @torch.inference_mode()
+def run_sampler(
+    model: torch.nn.Module,
+    sched: Any,
+    ids: np.ndarray,
+    shape: tuple[int, ...],
+    *,
+    seed: int,
+    sampler: str,
+    eta: float,
+    labels: np.ndarray | None = None,
+    guidance: float | None = None,
+    null_label: int | None = None,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The reverse process of ``sched`` (a ``sampling_scheduler``) for these ids as one network
+    batch, each from its own generator (module docstring): ``x_0``, fp32 ``N x *shape``.
+
+    ``amp_dtype``: autocast the network's evaluations to it (``sampling_autocast``); the noise
+    and the scheduler steps stay fp32.
+    """
+    gens = sample_generators(seed, ids)
+    x = (per_sample_randn(gens, shape) * sched.init_noise_sigma).to(device)
+    y = None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=device)
+    device_type = torch.device(device).type
+    for t in sched.timesteps:
+        tt = torch.full((len(ids),), int(t), device=device, dtype=torch.long)
+        with torch.autocast(
+            device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            eps = guided_eps(model, x, tt, y, guidance, null_label)
+        eps = eps.float()
+        if sampler == "ddpm":
+            # diffusers draws one (1, *shape) tensor per generator when given a list: the same
+            # per-sample stream as per_sample_randn.
+            x = sched.step(eps, int(t), x, generator=gens if len(gens) > 1 else gens[0]).prev_sample
+        elif eta > 0:
+            noise = per_sample_randn(gens, shape).to(device)
+            x = sched.step(eps, int(t), x, eta=eta, variance_noise=noise).prev_sample
+        else:
+            x = sched.step(eps, int(t), x, eta=0.0).prev_sample
+    return x
+
+
 def sample_group(
     model: torch.nn.Module,
     train_scheduler: Any,
@@ -234,6 +312,7 @@ def sample_group(
     guidance: float | None = None,
     null_label: int | None = None,
     device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """Run the sampler on exactly these ids as one network batch; uint8 ``N x H x W x C``.
 
@@ -241,22 +320,11 @@ def sample_group(
     """
     cfg = model.config
     shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
-    sched = sampling_scheduler(train_scheduler, sampler, steps)
-    gens = sample_generators(seed, ids)
-    x = (per_sample_randn(gens, shape) * sched.init_noise_sigma).to(device)
-    y = None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=device)
-    for t in sched.timesteps:
-        tt = torch.full((len(ids),), int(t), device=device, dtype=torch.long)
-        eps = guided_eps(model, x, tt, y, guidance, null_label)
-        if sampler == "ddpm":
-            # diffusers draws one (1, C, H, W) tensor per generator when given a list: the same
-            # per-sample stream as per_sample_randn.
-            x = sched.step(eps, int(t), x, generator=gens if len(gens) > 1 else gens[0]).prev_sample
-        elif eta > 0:
-            noise = per_sample_randn(gens, shape).to(device)
-            x = sched.step(eps, int(t), x, eta=eta, variance_noise=noise).prev_sample
-        else:
-            x = sched.step(eps, int(t), x, eta=0.0).prev_sample
+    x = run_sampler(
+        model, sampling_scheduler(train_scheduler, sampler, steps), ids, shape, seed=seed,
+        sampler=sampler, eta=eta, labels=labels, guidance=guidance, null_label=null_label,
+        device=device, amp_dtype=amp_dtype,
+    )  # fmt: skip
     return tensor_to_images(x)
 
 
@@ -275,13 +343,14 @@ def sample_images(
     group_size: int = 64,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """Generate the samples with these ids (any order, any subset of a pool): uint8 ``N x H x W x C``.
 
     ``labels_for(group_ids) -> labels`` gives each id its class (``None``: unconditional); it must
     depend on the id only (see ``resolve_labels``). ``progress(n_done)`` is called per group.
     The result for an id depends only on (model, seed, id, sampler settings, group_size, device
-    kind) — see the module docstring.
+    kind, ``amp_dtype``) — see the module docstring.
     """
     ids_arr = np.asarray(ids, dtype=np.int64).reshape(-1)
     if ids_arr.size == 0:
@@ -316,6 +385,7 @@ def sample_images(
                 guidance=guidance,
                 null_label=null_label,
                 device=device,
+                amp_dtype=amp_dtype,
             )
             if out is None:
                 out = np.zeros((len(ids_arr), *imgs.shape[1:]), dtype=np.uint8)

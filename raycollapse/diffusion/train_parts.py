@@ -45,6 +45,31 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | 
     return None  # auto on a GPU without bf16: fp32 (fp16 needs loss scaling; ask for it explicitly)
 
 
+def channels_last_on_cuda(model: torch.nn.Module, device: torch.device | str) -> None:
+    """Put an image network's weights in channels-last (NHWC) memory format on CUDA, in place.
+
+    cuDNN's NHWC convolution kernels are the fast ones on tensor-core GPUs, above all under bf16;
+    convolutions then return NHWC activations whatever the input's layout. On the CPU nothing
+    changes (the fp32 CPU kernels gain little and the bits of existing runs would move). Call it
+    before a DDP wrapper is made: DDP's gradient buckets keep the layout they were built with.
+    """
+    if torch.device(device).type == "cuda" and any(
+        isinstance(m, torch.nn.Conv2d) for m in model.modules()
+    ):
+        model.to(memory_format=torch.channels_last)
+
+
+def forward_network(model: torch.nn.Module, compile: bool | str) -> torch.nn.Module:
+    """The module the steps call: ``model``, or ``torch.compile(model)`` (train.compile /
+    sample.compile). The compiled wrapper shares ``model``'s parameters, so the optimiser, the EMA
+    and the saved checkpoint see the same tensors; the first calls are slow (compilation).
+    A string names torch.compile's backend (``True``: its default, inductor); the tests use
+    ``aot_eager``, which traces the same graphs without generating C++ (a minute on 2 cores)."""
+    if not compile:
+        return model
+    return torch.compile(model) if compile is True else torch.compile(model, backend=compile)
+
+
 def make_optimizer(
     model: torch.nn.Module,
     lr: float,

@@ -27,7 +27,9 @@ from raycollapse.diffusion.train_parts import (
     EMA,
     IndexStream,
     autocast_dtype,
+    channels_last_on_cuda,
     check_labels,
+    forward_network,
     make_lr_schedule,
     make_optimizer,
     unwrap_model,
@@ -200,6 +202,7 @@ def train_loop(
     adam_beta1: float = 0.9,
     adam_beta2: float = 0.999,
     sample_from: str = "ema",
+    compile: bool | str = False,
 ) -> tuple[EMA, TrainResult]:
     """Train ``model`` in place on in-memory uint8 ``images`` (``N x H x W x C``); returns the EMA.
 
@@ -215,6 +218,8 @@ def train_loop(
     Copy the EMA weights into a model with ``ema.copy_to(model)`` before saving or sampling.
     ``adam_beta1`` / ``adam_beta2``: AdamW's betas; ``sample_from``: ``ema`` or ``raw`` (the EMA
     is then disabled and ``copy_to`` keeps the trained weights; train.sample_from).
+    ``compile``: run the steps through ``torch.compile(model)`` (train.compile). On CUDA an image
+    network trains in channels-last memory format (``channels_last_on_cuda``).
     """
     if sample_from not in ("ema", "raw"):
         raise UserInputError(f"train.sample_from must be ema or raw, got {sample_from!r}.")
@@ -226,6 +231,9 @@ def train_loop(
     check_labels(labels, class_conditional=class_conditional, num_classes=num_classes)
     amp = autocast_dtype(mixed_precision, device)
     model.to(device)
+    if unwrap_model(model) is model:  # a DDP model was converted before it was wrapped
+        channels_last_on_cuda(model, device)
+    net = forward_network(model, compile)
     data = images_to_tensor(images, device)
     label_t = (
         torch.as_tensor(labels, dtype=torch.long, device=device) if class_conditional else None
@@ -244,7 +252,7 @@ def train_loop(
     for step in range(first, steps):
         idx = torch.as_tensor(state.stream.next(batch_size), device=device)
         loss = train_step(
-            model, data[idx], None if label_t is None else label_t[idx],
+            net, data[idx], None if label_t is None else label_t[idx],
             noise_scheduler=noise_scheduler, optimizer=optimizer, lr_schedule=state.schedule, ema=state.ema,
             generator=state.generator, label_dropout=label_dropout if class_conditional else 0.0,
             null_label=num_classes if class_conditional else None,

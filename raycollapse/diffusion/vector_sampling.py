@@ -18,12 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raycollapse.diffusion.sampling import (
-    guided_eps,
-    per_sample_randn,
-    sample_generators,
-    sampling_scheduler,
-)
+from raycollapse.diffusion.sampling import run_sampler, sampling_scheduler
 from raycollapse.errors import UserInputError
 
 
@@ -42,7 +37,6 @@ def model_dim(model: torch.nn.Module) -> int:
     return int(model.config.dim)
 
 
-@torch.inference_mode()
 def sample_vector_group(
     model: torch.nn.Module,
     train_scheduler: Any,
@@ -56,23 +50,14 @@ def sample_vector_group(
     guidance: float | None = None,
     null_label: int | None = None,
     device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """Run the sampler on exactly these ids as one network batch; float32 ``N x d``."""
-    shape = (model_dim(model),)
-    sched = sampling_scheduler(unclipped(train_scheduler), sampler, steps)
-    gens = sample_generators(seed, ids)
-    x = (per_sample_randn(gens, shape) * sched.init_noise_sigma).to(device)
-    y = None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=device)
-    for t in sched.timesteps:
-        tt = torch.full((len(ids),), int(t), device=device, dtype=torch.long)
-        eps = guided_eps(model, x, tt, y, guidance, null_label)
-        if sampler == "ddpm":
-            x = sched.step(eps, int(t), x, generator=gens if len(gens) > 1 else gens[0]).prev_sample
-        elif eta > 0:
-            noise = per_sample_randn(gens, shape).to(device)
-            x = sched.step(eps, int(t), x, eta=eta, variance_noise=noise).prev_sample
-        else:
-            x = sched.step(eps, int(t), x, eta=0.0).prev_sample
+    x = run_sampler(
+        model, sampling_scheduler(unclipped(train_scheduler), sampler, steps), ids,
+        (model_dim(model),), seed=seed, sampler=sampler, eta=eta, labels=labels,
+        guidance=guidance, null_label=null_label, device=device, amp_dtype=amp_dtype,
+    )  # fmt: skip
     return x.detach().float().cpu().numpy()
 
 
@@ -90,6 +75,7 @@ def sample_vectors(
     null_label: int | None = None,
     group_size: int = 64,
     device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """The samples with these ids (any order, any subset of a pool): float32 ``N x d``.
 
@@ -116,7 +102,7 @@ def sample_vectors(
         vecs = sample_vector_group(
             model, train_scheduler, group_ids, seed=seed, sampler=sampler, steps=steps, eta=eta,
             labels=labels_for(group_ids) if labels_for is not None else None,
-            guidance=guidance, null_label=null_label, device=device,
+            guidance=guidance, null_label=null_label, device=device, amp_dtype=amp_dtype,
         )  # fmt: skip
         mask = ids_arr // group_size == g
         out[mask] = vecs[ids_arr[mask] - g * group_size]

@@ -22,7 +22,7 @@ import pyarrow as pa
 import yaml
 from omegaconf import DictConfig
 
-from raycollapse.config import diff_configs, to_dict, to_yaml
+from raycollapse.config import Config, diff_configs, to_dict, to_yaml
 from raycollapse.errors import UserInputError
 from raycollapse.io import storage
 from raycollapse.loop import layout
@@ -40,6 +40,19 @@ NON_RESULT_KEYS = (
 def result_diff(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """Differences between two configs that would change a run's results."""
     return [d for d in diff_configs(saved, new) if not d[0].startswith(NON_RESULT_KEYS)]
+
+
+def with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with every key it lacks taken from ``defaults``, at any depth: a run saved before
+    a config key existed ran with that key's default (keys are only added with the old
+    behaviour as their default), so it is not a change of config."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = with_defaults(out[key], value)
+    return out
 
 
 def config_digest(cfg: dict[str, Any]) -> str:
@@ -84,7 +97,7 @@ class RunDir:
         if saved is None:
             storage.write_text_atomic(self.file(layout.CONFIG), to_yaml(cfg))
             return False
-        diff = result_diff(saved, new)
+        diff = result_diff(with_defaults(saved, to_dict(None, Config)), new)
         grows = [d for d in diff if d[0] == "loop.iterations" and int(d[2]) > int(d[1] or 0)]
         diff = [d for d in diff if d not in grows]
         if diff:

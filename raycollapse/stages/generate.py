@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 META_KEY = b"raycollapse.generate"
 SAMPLE_KEYS = ("sampler", "steps", "eta", "guidance", "label", "group_size")
+# Settings that joined a pool's identity later: part of its signature only when not the default,
+# so that pools written before they existed (fp32 eager sampling) keep their signature.
+LATER_SAMPLE_KEYS = {"precision": "auto", "compile": False}
 SCHEMA = pa.schema(
     [
         ("id", pa.int64()),
@@ -88,11 +91,19 @@ def sample_settings(sample_cfg: SampleConfig | Mapping[str, Any] | None) -> dict
     from raycollapse.config import SampleConfig, to_dict
 
     merged = to_dict(sample_cfg, SampleConfig)
-    out = {k: merged[k] for k in SAMPLE_KEYS}
+    out = {k: merged[k] for k in (*SAMPLE_KEYS, *LATER_SAMPLE_KEYS)}
     out.update(steps=int(out["steps"]), eta=float(out["eta"]), group_size=int(out["group_size"]))
+    out.update(compile=bool(out["compile"]), precision=str(out["precision"]))
     if out["group_size"] < 1:
         raise UserInputError(f"sample.group_size must be >= 1, got {out['group_size']}.")
     return {**out, "batch_size": int(merged["batch_size"])}
+
+
+def sample_identity(sample: dict[str, Any]) -> dict[str, Any]:
+    """The sampler settings in a pool's signature (``sample_settings`` output): ``SAMPLE_KEYS``,
+    plus each of ``LATER_SAMPLE_KEYS`` that is not its default."""
+    later = {k: sample[k] for k, default in LATER_SAMPLE_KEYS.items() if sample[k] != default}
+    return {**{k: sample[k] for k in SAMPLE_KEYS}, **later}
 
 
 def _weights_digest(checkpoint: Path) -> str:
@@ -129,8 +140,12 @@ class GenerateStage(ShardStage):
         self.device = worker_device(
             self.resources.num_gpus, "generate", "resources.generate_gpus_per_actor"
         )
+        from raycollapse.diffusion.sampling import sampling_autocast, sampling_network
+
         self.ckpt = load_checkpoint(self.checkpoint, device=self.device)
         self.labels_for(np.zeros(1, dtype=np.int64))  # label / guidance problems, once
+        self.amp = sampling_autocast(self.sample["precision"], self.device)
+        self.net = sampling_network(self.ckpt.unet, self.device, self.sample["compile"])
 
     def labels_for(self, ids: np.ndarray) -> np.ndarray | None:
         """Each id's class (``None`` for an unconditional model): a function of the id only."""
@@ -159,10 +174,12 @@ class GenerateStage(ShardStage):
         from raycollapse.diffusion.vector_sampling import sample_vectors
 
         s = self.sample
-        return (sample_vectors if self.vectors else sample_images)(
-            self.ckpt.unet, self.ckpt.scheduler, ids, seed=self.seed, sampler=s["sampler"],
+        sample = sample_vectors if self.vectors else sample_images
+        return sample(
+            self.net, self.ckpt.scheduler, ids, seed=self.seed, sampler=s["sampler"],
             steps=s["steps"], eta=s["eta"], labels_for=self.labels_for, guidance=s["guidance"],
             null_label=self.ckpt.null_label, group_size=s["group_size"], device=self.device,
+            amp_dtype=self.amp,
         )  # fmt: skip
 
     def shard_table(self, id_start: int, id_end: int) -> pa.Table:
@@ -278,7 +295,7 @@ def plan_generation(
         "seed": int(seed),
         "iteration": int(iteration),
         "preset": meta["preset"],
-        **{k: sample[k] for k in SAMPLE_KEYS},
+        **sample_identity(sample),
     }
     out = str(out_uri)
     stage = GenerateStage(

@@ -92,7 +92,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
         save_training_state,
     )
     from raycollapse.diffusion.sampling import make_scheduler
-    from raycollapse.diffusion.train_parts import unwrap_model
+    from raycollapse.diffusion.train_parts import channels_last_on_cuda, unwrap_model
     from raycollapse.diffusion.trainer import RANK_KEYS, TrainingDiverged, TrainState, train_loop
     from raycollapse.diffusion.unet import build_unet
     from raycollapse.stages.train_stream import STREAM_RANK_KEYS, StreamState, stream_train_loop
@@ -115,6 +115,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
                            dim=config["dim"])  # fmt: skip
         scheduler = make_scheduler(diff["num_train_timesteps"], diff["beta_start"], diff["beta_end"],
                                    diff["beta_schedule"])  # fmt: skip
+    channels_last_on_cuda(model, device)  # before DDP wraps it
     model = prepare_model(model, move_to_device=device)
     resume = None
     ckpt_in = ray.train.get_checkpoint()
@@ -180,6 +181,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
             device=device, resume=resume, checkpoint=report, checkpoint_every=int(tc["checkpoint_every"]),
             all_reduce_loss=all_reduce_mean if world > 1 else None, callbacks=config["callbacks"],
             adam_beta1=tc["adam_beta1"], adam_beta2=tc["adam_beta2"], sample_from=tc["sample_from"],
+            compile=bool(tc["compile"]),
         )  # fmt: skip
     except TrainingDiverged as exc:  # every rank sees the same global loss: all return together
         return {"error": str(exc)}

@@ -240,7 +240,7 @@ def train_in_process(
             class_conditional=cond, num_classes=mc["num_classes"], label_dropout=mc["label_dropout"],
             device=device, resume=resume, checkpoint=save, checkpoint_every=int(tc["checkpoint_every"]),
             callbacks=list(callbacks), adam_beta1=tc["adam_beta1"], adam_beta2=tc["adam_beta2"],
-            sample_from=tc["sample_from"],
+            sample_from=tc["sample_from"], compile=bool(tc["compile"]),
         )  # fmt: skip
     except TrainingDiverged as exc:
         raise UserInputError(str(exc)) from None

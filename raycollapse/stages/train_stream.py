@@ -22,8 +22,11 @@ from raycollapse.diffusion.sampling import images_to_tensor
 from raycollapse.diffusion.train_parts import (
     EMA,
     autocast_dtype,
+    channels_last_on_cuda,
+    forward_network,
     make_lr_schedule,
     make_optimizer,
+    unwrap_model,
 )
 from raycollapse.diffusion.trainer import TrainingDiverged, TrainResult, TrainState, train_step
 from raycollapse.stages.train_data import ShardStream
@@ -72,11 +75,15 @@ def stream_train_loop(
     adam_beta1: float = 0.9,
     adam_beta2: float = 0.999,
     sample_from: str = "ema",
+    compile: bool | str = False,
 ) -> tuple[EMA, TrainResult]:
     """``diffusion.trainer.train_loop`` with its batches read from ``stream`` (see the module
     docstring); the arguments mean the same (the driver has checked the labels)."""
     amp = autocast_dtype(mixed_precision, device)
     model.to(device)
+    if unwrap_model(model) is model:  # a DDP model was converted before it was wrapped
+        channels_last_on_cuda(model, device)
+    net = forward_network(model, compile)
     optimizer = make_optimizer(model, lr, weight_decay, (adam_beta1, adam_beta2))
     state = StreamState(
         model=model, ema=EMA(model, ema_decay, enabled=sample_from == "ema"), optimizer=optimizer,
@@ -92,7 +99,7 @@ def stream_train_loop(
         images, labels = stream.next(batch_size)
         label_t = torch.as_tensor(labels, device=device) if class_conditional else None
         loss = train_step(
-            model, images_to_tensor(images, device), label_t, noise_scheduler=noise_scheduler,
+            net, images_to_tensor(images, device), label_t, noise_scheduler=noise_scheduler,
             optimizer=optimizer, lr_schedule=state.schedule, ema=state.ema, generator=state.generator,
             label_dropout=label_dropout if class_conditional else 0.0,
             null_label=num_classes if class_conditional else None,

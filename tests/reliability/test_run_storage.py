@@ -166,3 +166,18 @@ def test_malicious_training_state_is_refused(tmp_path, capsys):
     assert main(args) == 2
     captured = capsys.readouterr()
     assert "cannot read training state" in captured.err and "pwned" not in captured.out
+
+
+def test_a_run_saved_before_a_key_existed_resumes_with_its_default(early_run, tmp_path):
+    """Keys join the schema with the old behaviour as their default: a config.yaml written before
+    them resumes, and a value other than the default is still a change."""
+    import yaml
+
+    old = RunDir(str(tmp_path / "old"))
+    shutil.copytree(early_run, old.path)
+    saved = yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())
+    del saved["sample"]["precision"], saved["train"]["compile"]  # as an older version wrote it
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert old.claim(cfg_at(tmp_path / "old")) is False
+    with pytest.raises(UserInputError, match=r"train.compile: False \(saved\) -> True \(now\)"):
+        old.claim(cfg_at(tmp_path / "old", "train.compile=true"))

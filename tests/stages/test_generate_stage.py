@@ -23,6 +23,7 @@ from raycollapse.stages.generate import (
     GenerateStage,
     generate_pool,
     plan_generation,
+    sample_identity,
     sample_settings,
     shard_specs,
 )
@@ -59,6 +60,18 @@ def test_shard_specs():
     ]
     with pytest.raises(UserInputError):
         shard_specs(0, 4)
+
+
+def test_pool_identity_keeps_older_pools_valid():
+    """Pools written before sample.precision / sample.compile existed (fp32, eager) keep their
+    signature under the defaults; other values are part of a pool's identity."""
+    default = sample_identity(sample_settings(None))
+    assert list(default) == ["sampler", "steps", "eta", "guidance", "label", "group_size"]
+    assert default == {"sampler": "ddim", "steps": 50, "eta": 0.5, "guidance": None,
+                       "label": None, "group_size": 64}  # fmt: skip
+    other = sample_identity(sample_settings({"precision": "bf16", "compile": True}))
+    assert other == {**default, "precision": "bf16", "compile": True}
+    assert sample_identity(sample_settings({"precision": "fp32"}))["precision"] == "fp32"
 
 
 def test_process_batch_without_ray_equals_core_sampler(ckpt, tmp_path):
