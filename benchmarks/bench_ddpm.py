@@ -101,6 +101,12 @@ def sampling_cost(model, sched, sampler: str, steps: int, n: int) -> dict:
     }
 
 
+def _run_spec(text: str) -> tuple[str, int, float]:
+    """``SAMPLER-STEPS-ETA`` (``ddim-50-0.5``) as ``(sampler, steps, eta)``."""
+    sampler, steps, eta = text.strip().split("-")
+    return sampler, int(steps), float(eta)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -110,6 +116,15 @@ def main() -> int:
         "--checkpoint", default=None, help="a trained tiny digits checkpoint (else train one)"
     )
     ap.add_argument("--fd-n", type=int, default=512)
+    ap.add_argument(
+        "--fd-seeds", default="1", help="comma-separated pool seeds of the FD part (mean over them)"
+    )
+    ap.add_argument(
+        "--fd-runs",
+        default=None,
+        help="samplers of the FD part as SAMPLER-STEPS-ETA, comma-separated (e.g. ddim-50-0.5,"
+        "ddpm-1000-0); default: the table in benchmarks/README.md",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     ap.add_argument(
         "--parts", default="train,sample,fd", help="comma-separated subset of train,sample,fd"
@@ -186,17 +201,25 @@ def main() -> int:
             ("ddim", 50, 0.5),
         ]
         runs += [("ddim", 50, 1.0), ("ddim", 100, 1.0), ("ddpm", 1000, 0.0)]
+        if args.fd_runs:
+            runs = [_run_spec(r) for r in args.fd_runs.split(",")]
+        seeds = [int(v) for v in args.fd_seeds.split(",")]
         for sampler, steps, eta in runs:
-            start = time.perf_counter()
-            imgs = sample_images(
-                model, sched, range(n), seed=1, sampler=sampler, steps=steps, eta=eta
-            )
-            sec = time.perf_counter() - start
             name = f"{sampler.upper()}-{steps}" + (f" eta={eta}" if sampler == "ddim" else "")
+            values, seconds = [], 0.0
+            for seed in seeds:
+                start = time.perf_counter()
+                imgs = sample_images(
+                    model, sched, range(n), seed=seed, sampler=sampler, steps=steps, eta=eta
+                )
+                seconds += time.perf_counter() - start
+                values.append(frechet_distance(pixel_features(imgs), real_f))
+                log(f"{name} seed {seed}: FD {values[-1]:.4f}")
             fd.append(
-                {"set": name, "fd": frechet_distance(pixel_features(imgs), real_f), "seconds": sec}
-            )
-            log(f"{fd[-1]}")
+                {"set": name, "fd": float(np.mean(values)), "fd_per_seed": values,
+                 "fd_sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                 "seeds": seeds, "seconds": seconds}
+            )  # fmt: skip
         result["fd"] = fd
     result["machine"]["load_average_end"] = os.getloadavg()
 

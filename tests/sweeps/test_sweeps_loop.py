@@ -24,6 +24,9 @@ TINY = {
     "select": {"method": "greedy"},
     "loop": {"iterations": 2, "train_size": 16, "pool_multiple": 2},
 }  # fmt: skip
+# The ASHA test runs one trial at a time: its stages sample and embed in the trial's process
+# (no actor pool to start per stage; the same values, tests/stages/test_shard_job.py).
+IN_PROCESS = {"resources": {"generate_actors": 0, "embed_actors": 0}}
 
 
 def test_asha_stops_the_poor_trial_and_best_yaml_runs_the_best(tmp_path, capsys, ray_local):
@@ -35,7 +38,7 @@ def test_asha_stops_the_poor_trial_and_best_yaml_runs_the_best(tmp_path, capsys,
 
     storage = tmp_path / "sweep"
     sweep = {
-        "kind": "loop", "base": TINY,
+        "kind": "loop", "base": {**TINY, **IN_PROCESS},
         "variants": [{"train.lr": 0.001}, {"train.lr": 1e-12}],
         "objective": {"metric": "generalization_score", "mode": "min"},
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
