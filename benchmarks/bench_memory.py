@@ -368,12 +368,13 @@ def _section(r: dict[str, Any]) -> str:
     lines += [
         "",
         "On the sharded path the vectors never reach the driver, so its growth does not depend "
-        "on d: it is the candidates' references and ids (Python tuples from the paradigm's plan, "
-        "an id column per file) and, for the entropy, the merged kNN batches (bounded by the "
+        "on d: it is the candidates' references and ids (12 bytes a candidate in the paradigm's "
+        "plan, an id column per file) and, for the entropy, the merged kNN batches (bounded by the "
         "batch size) and r_k (8 bytes per row). The single path's driver holds the vectors "
         "(N x d x 4 bytes, plus the selection's and the kNN's working copies) and grows with d. "
-        "Outside these two stages the loop's driver still reads the pool's images (train_set) "
-        "and, in the metrics stage, the pool's embeddings for the Fréchet distance and PRDC.",
+        "Outside these two stages the training-set stage streams the images it needs "
+        "(benchmarks/bench_train_set_memory.py) and the metrics stage reads the pool's embeddings "
+        "for the Fréchet distance and PRDC.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -11,8 +11,11 @@ docs/design.md, "Paradigms" (Shi et al., NeurIPS 2025, Sec. 5):
   of B − round(λ·B) from the last pool.
 
 Everything here works on *row references* ``(source, id)`` so that it is pure and testable; the
-loop turns references into images. Selection ``none`` takes a seeded random subset (the whole set
-when it has exactly the needed size) — with a pool of exactly B, that is the whole pool, as in the
+loop turns references into images. References are :class:`~raycollapse.curation.refs.Refs` (an
+origin code and an id per row, 12 bytes, where a list of tuples would cost about 100 bytes a row
+for pools of m x B candidates); sequences of ``(origin, id)`` tuples are accepted too.
+Selection ``none`` takes a seeded random subset (the whole set when it has exactly the needed
+size) — with a pool of exactly B, that is the whole pool, as in the
 paper's no-filtering baseline. ``loop.accumulate_baseline=per_generation`` instead takes equal
 shares from each origin, as the paper's code builds its accumulate baseline
 (:func:`per_generation_indices`).
@@ -20,12 +23,14 @@ shares from each origin, as the paper's code builds its accumulate baseline
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from raycollapse.config.schema import PARADIGMS
 from raycollapse.curation.greedy import random_select
+from raycollapse.curation.refs import Refs
 from raycollapse.errors import UserInputError
 from raycollapse.seeds import derive_rng
 
@@ -40,8 +45,8 @@ class Plan:
     chooses ``n_select`` from; ``fresh``: how many fresh real rows to add.
     """
 
-    keep: list[tuple[str, int]]
-    candidates: list[tuple[str, int]]
+    keep: Refs
+    candidates: Refs
     n_select: int
     n_fresh: int
 
@@ -55,34 +60,35 @@ def plan_next(
     paradigm: str,
     *,
     train_size: int,
-    previous_train: list[tuple[str, int]],
-    pools: list[list[tuple[str, int]]],
-    real_train: list[tuple[str, int]],
+    previous_train: Refs | Sequence[tuple[str, int]],
+    pools: Sequence[Refs | Sequence[tuple[str, int]]],
+    real_train: Refs | Sequence[tuple[str, int]],
     fresh_fraction: float = 0.0,
 ) -> Plan:
     """The plan for iteration ``len(pools)``'s training set.
 
     ``pools[k]`` are the rows generated in iteration k; ``real_train`` is iteration 0's training
-    set; ``previous_train`` the last training set.
+    set; ``previous_train`` the last training set. The plan's rows are :class:`Refs`.
     """
     if not pools:
         raise ValueError("plan_next needs at least one generated pool")
-    last = pools[-1]
+    last = Refs.of(pools[-1])
+    none = Refs(np.zeros(0), np.zeros(0))
     if paradigm == "replace":
-        return Plan([], list(last), train_size, 0)
+        return Plan(none, last, train_size, 0)
     if paradigm == "accumulate":
-        cands = list(real_train) + [row for pool in pools for row in pool]
-        return Plan([], cands, train_size, 0)
+        cands = Refs.concat([Refs.of(real_train), *(Refs.of(p) for p in pools)])
+        return Plan(none, cands, train_size, 0)
     if paradigm == "accumulate_all":
-        return Plan(list(previous_train), list(last), train_size, 0)
+        return Plan(Refs.of(previous_train), last, train_size, 0)
     if paradigm == "fresh":
         n_fresh = fresh_count(train_size, fresh_fraction)
-        return Plan([], list(last), train_size - n_fresh, n_fresh)
+        return Plan(none, last, train_size - n_fresh, n_fresh)
     raise UserInputError(f"unknown paradigm '{paradigm}'; use one of {', '.join(PARADIGMS)}.")
 
 
 def pick_fresh_real(
-    real_ids: np.ndarray, used: set[int], n: int, seed: int, iteration: int
+    real_ids: np.ndarray, used: set[int] | np.ndarray, n: int, seed: int, iteration: int
 ) -> np.ndarray:
     """``n`` of ``real_ids`` never used before in this run, chosen by a seed of (run seed, iteration)."""
     available = np.setdiff1d(
@@ -106,8 +112,9 @@ def lineage(origins: list[str]) -> dict[str, float]:
     return {f"share_{v}": c / total for v, c in zip(values.tolist(), counts.tolist(), strict=True)}
 
 
-def per_generation_indices(origins: list[str], n: int, seed: int) -> np.ndarray:
-    """``n`` positions of ``origins`` (one origin per candidate) in equal shares per origin.
+def per_generation_indices(origins: Sequence[str] | np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` positions of ``origins`` (one origin per candidate: names, or the origin codes of
+    :class:`Refs`) in equal shares per origin.
 
     The paper's code (``train_unconditional.py``, syn_type ``accumulated``): with G origins in
     order of first appearance (real, gen_0, gen_1, ...), each contributes the first
@@ -115,10 +122,12 @@ def per_generation_indices(origins: list[str], n: int, seed: int) -> np.ndarray:
     cut to ``n``, so the newest origin gets what is left. An origin with fewer rows gives all it has.
     """
     arr = np.asarray(origins)
-    names = list(dict.fromkeys(origins))
+    # Origins in order of first appearance, without a Python object per candidate.
+    uniq, first = np.unique(arr, return_index=True)
+    names = uniq[np.argsort(first)]
     if n < 0 or n > len(arr):
         raise UserInputError(f"cannot take {n} of {len(arr)} candidates.")
-    if not names:
+    if len(names) == 0:
         return np.zeros(0, dtype=np.int64)
     share = n // len(names) + 1
     rng = derive_rng(seed, _PER_GENERATION)
@@ -134,7 +143,7 @@ def per_generation_indices(origins: list[str], n: int, seed: int) -> np.ndarray:
 
 
 def baseline_indices(
-    candidates: list[tuple[str, int]], n: int, *, seed: int, method: str, shares: str
+    candidates: Refs | Sequence[tuple[str, int]], n: int, *, seed: int, method: str, shares: str
 ) -> np.ndarray:
     """The rows a ``random`` / ``none`` selection takes (the loop's baseline).
 
@@ -143,7 +152,7 @@ def baseline_indices(
     (:func:`per_generation_indices`); ``random`` stays uniform.
     """
     if shares == "per_generation" and method == "none":
-        return per_generation_indices([o for o, _ in candidates], n, seed)
+        return per_generation_indices(Refs.of(candidates).codes, n, seed)
     if shares not in ("uniform", "per_generation"):
         raise UserInputError(
             f"loop.accumulate_baseline must be uniform or per_generation, got {shares!r}."

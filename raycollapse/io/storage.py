@@ -7,6 +7,7 @@ so a retried task or a restarted actor never leaves a half-written or duplicated
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -122,3 +123,34 @@ def is_dir(uri: str | Path) -> bool:
     """Whether ``uri`` is an existing folder."""
     fs, path = open_fs(uri)
     return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def write_parquet_tables_atomic(tables: Iterable[pa.Table], uri: str | Path) -> int:
+    """One Parquet file from consecutive tables of one schema, each written as it comes (one row
+    group each, at most ``pq.write_table``'s default size), through a temporary name and a move:
+    whole or not at all. For a single table the file is ``write_parquet_atomic``'s, byte for
+    byte. Returns the number of rows written."""
+    fs, path = open_fs(uri)
+    head, _, tail = path.rpartition("/")
+    fs.create_dir(head, recursive=True)
+    tmp = f"{head}/{temp_name(tail)}"
+    rows = 0
+    try:
+        with fs.open_output_stream(tmp) as out:
+            writer: pq.ParquetWriter | None = None
+            try:
+                for table in tables:
+                    if writer is None:
+                        writer = pq.ParquetWriter(out, table.schema)
+                    writer.write_table(table)
+                    rows += table.num_rows
+            finally:
+                if writer is not None:
+                    writer.close()
+            if writer is None:
+                raise ValueError(f"no rows to write to '{uri}'")
+        fs.move(tmp, path)
+    finally:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+    return rows

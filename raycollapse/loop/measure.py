@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from raycollapse.curation.entropy import kl_entropy
 from raycollapse.curation.paradigms import lineage
+from raycollapse.curation.refs import Refs
 from raycollapse.data.records import encode_png
 from raycollapse.data.vectors import vector_array
 from raycollapse.io import storage
@@ -85,8 +86,8 @@ def iteration_metrics(
     if mog is not None:
         row["entropy_true"] = float(mog["entropy_true"])
     if paper is not None:
-        row.update(paper_metrics(paper, generated=cat.images(gen)[1], train=cat.gather_images(train_refs)[0],
-                                 real=cat.images("real")[1], iteration=iteration))  # fmt: skip
+        row.update(paper_metrics(paper, generated=LazyImages(cat, Refs.of_origin(gen, cat.image_ids(gen))),
+                                 train=LazyImages(cat, Refs.of(train_refs)), real=cat.images("real")[1], iteration=iteration))  # fmt: skip
     # Every origin so far gets a share (0 when absent) so lineage columns line up across rows.
     row.update({f"share_{o}": 0.0 for o in ["real", *(origin_of(k) for k in range(iteration))]})
     row.update(lineage([o for o, _ in train_refs]))
@@ -116,21 +117,24 @@ def pool_entropy_sharded(uri: str, n: int, k: int, eps: float, shards: int) -> f
 def write_samples_png(cat: Catalog, iteration: int, uri: str) -> None:
     """A grid of the first generated samples of the iteration (vector data: a scatter plot of
     the real data, the training set and the pool)."""
-    _, images, _ = cat.images(origin_of(iteration))
-    if images.ndim == 2:
+    gen = origin_of(iteration)
+    if cat.holds_vectors(gen):
         from raycollapse.loop.catalog import read_train_refs
         from raycollapse.report.scatter import scatter_png
 
+        # The scatter shows every vector (a few floats each): the whole pool is read here.
         refs = read_train_refs(layout.iter_path(cat.run, iteration, layout.TRAIN_SET))
         png = scatter_png(
-            cat.images("real")[1], cat.gather_images(refs)[0], images,
+            cat.images("real")[1], cat.gather_images(refs)[0], cat.images(gen)[1],
             title=f"iteration {iteration}",
         )  # fmt: skip
         storage.write_bytes_atomic(uri, png)
         return
     from PIL import Image
 
-    grid = Image.fromarray(image_grid(images[:GRID_SAMPLES]))
+    # Only the first GRID_SAMPLES images (by id) are read and decoded, not the pool.
+    images, _ = cat.gather_images(Refs.of_origin(gen, cat.image_ids(gen)[:GRID_SAMPLES]))
+    grid = Image.fromarray(image_grid(images))
     scale = max(1, -(-192 // max(grid.size)))  # tiny 8x8 digits stay visible
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()
@@ -139,10 +143,11 @@ def write_samples_png(cat: Catalog, iteration: int, uri: str) -> None:
 
 
 def write_nearest(
-    cat: Catalog, iteration: int, train_refs: list[Ref], features: str, uri: str
+    cat: Catalog, iteration: int, train_refs: Refs | list[Ref], features: str, uri: str
 ) -> None:
     """The generated samples closest to a training sample (smallest d1/d2), beside that sample."""
     gen = origin_of(iteration)
+    train_refs = Refs.of(train_refs)
     train_x = cat.gather_embeddings(train_refs, features)
     pool_ids, pool_x = cat.embeddings(gen, features)
     gen_ids, gen_x = pool_ids[: len(train_refs)], pool_x[: len(train_refs)]
@@ -150,19 +155,20 @@ def write_nearest(
     d1, d2 = nn.distances[:, 0], nn.distances[:, 1]
     ratio = d1 / np.maximum(d2, 1e-12)
     order = np.lexsort((d1, ratio))[:NEAREST_PAIRS]
-    _, gen_images, _ = cat.images(gen)
-    train_images, _ = cat.gather_images([train_refs[j] for j in nn.indices[order, 0]])
+    # Only the NEAREST_PAIRS shown pairs are read and decoded, by id.
+    gen_images, _ = cat.gather_images(Refs.of_origin(gen, gen_ids[order]))
+    train_images, _ = cat.gather_images(train_refs[nn.indices[order, 0]])
     if gen_images.ndim == 2:  # vectors: no images to show, the vectors themselves instead
         n = len(order)
         pictures = {
             "gen_image": pa.nulls(n, pa.binary()),
             "train_image": pa.nulls(n, pa.binary()),
-            "gen_vector": vector_array(gen_images[order]),
+            "gen_vector": vector_array(gen_images),
             "train_vector": vector_array(train_images),
         }
     else:
         pictures = {
-            "gen_image": pa.array([encode_png(gen_images[i]) for i in order], pa.binary()),
+            "gen_image": pa.array([encode_png(im) for im in gen_images], pa.binary()),
             "train_image": pa.array([encode_png(im) for im in train_images], pa.binary()),
         }
     table = pa.table(
@@ -175,6 +181,21 @@ def write_nearest(
         }
     )
     storage.write_parquet_atomic(table, uri)
+
+
+class LazyImages:
+    """The images of ``refs`` for :func:`~raycollapse.metrics.paper.paper_metrics`, read only
+    when indexed (a slice or an integer array: those rows, :meth:`Catalog.gather_images`), so
+    the metric reads the first pool images and the training subset it uses, not the pool."""
+
+    def __init__(self, cat: Catalog, refs: Refs) -> None:
+        self.cat, self.refs = cat, refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        return self.cat.gather_images(self.refs[key])[0]
 
 
 def nearest_uri(run: str, iteration: int) -> str:

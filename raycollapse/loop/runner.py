@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from raycollapse.config import to_dict
 from raycollapse.config.checks import check_command, feature_spaces, pool_size
 from raycollapse.curation.paradigms import baseline_indices, pick_fresh_real, plan_next
+from raycollapse.curation.refs import REAL_CODE, Refs
 from raycollapse.curation.select import select
 from raycollapse.data.sources import load_records
 from raycollapse.errors import UserInputError
@@ -37,14 +38,7 @@ from raycollapse.features.weights import check_weights_available
 from raycollapse.io import storage
 from raycollapse.io.lock import storage_lock
 from raycollapse.loop import layout, manifest
-from raycollapse.loop.catalog import (
-    Catalog,
-    Ref,
-    origin_of,
-    read_train_refs,
-    real_dir,
-    train_set_table,
-)
+from raycollapse.loop.catalog import Catalog, origin_of, read_train_refs, real_dir
 from raycollapse.loop.checks import check_real_size, check_writable
 from raycollapse.loop.interrupts import call_interruptible, restore_sigint
 from raycollapse.loop.layout import STAGES
@@ -107,24 +101,22 @@ class Loop:
     def stage_train_set(self, t: int) -> dict[str, Any]:
         cfg, loop = self.cfg, self.cfg.loop
         if t == 0:
-            ids, _, _ = self.cat.images("real")
+            ids = self.cat.image_ids("real")
             rng = np.random.default_rng(derived_seed(cfg.seed, 0, "subset"))
             chosen = np.sort(rng.choice(ids, size=loop.train_size, replace=False))
-            refs: list[Ref] = [("real", int(i)) for i in chosen]
+            refs = Refs.of_origin("real", chosen)
         else:
             refs = self.next_train_set(t)
-        images, labels = self.cat.gather_images(refs)
-        storage.write_parquet_atomic(
-            train_set_table(refs, images, labels),
-            self.path(t, layout.TRAIN_SET, "part-00000.parquet"),
-        )
+        # Streamed: a chunk of rows read, decoded and written at a time (never a whole pool).
+        self.cat.write_train_set(refs, self.path(t, layout.TRAIN_SET, "part-00000.parquet"))
         return {"rows": len(refs)}
 
-    def next_train_set(self, t: int) -> list[Ref]:
+    def next_train_set(self, t: int) -> Refs:
         cfg, loop, sel = self.cfg, self.cfg.loop, self.cfg.select
-        # Ids only (not the vectors): the sharded path never loads a pool's embeddings here.
+        # Ids only (not the vectors): the sharded path never loads a pool's embeddings here;
+        # references as arrays (12 bytes a candidate), not Python tuples.
         pools = [
-            [(origin_of(k), int(i)) for i in self.cat.ids(origin_of(k), self.features[0])]
+            Refs.of_origin(origin_of(k), self.cat.ids(origin_of(k), self.features[0]))
             for k in range(t)
         ]
         plan = plan_next(
@@ -149,21 +141,16 @@ class Loop:
                 x, sel.method, n, seed=seed, tau0=sel.tau0, decay=sel.decay,
                 device=sel.device, backend=sel.backend,
             ).indices  # fmt: skip
-        refs = plan.keep + [plan.candidates[int(i)] for i in idx]
+        refs = Refs.concat([plan.keep, plan.candidates[np.asarray(idx, dtype=np.int64)]])
         if plan.n_fresh:
-            used = {
-                i
-                for k in range(t)
-                for o, i in read_train_refs(self.path(k, layout.TRAIN_SET))
-                if o == "real"
-            }
-            real_ids = self.cat.images("real")[0]
-            refs += [
-                ("real", int(i)) for i in pick_fresh_real(real_ids, used, plan.n_fresh, cfg.seed, t)
-            ]
+            earlier = [read_train_refs(self.path(k, layout.TRAIN_SET)) for k in range(t)]
+            used = np.unique(np.concatenate([r.ids[r.codes == REAL_CODE] for r in earlier]))
+            real_ids = self.cat.image_ids("real")
+            fresh = pick_fresh_real(real_ids, used, plan.n_fresh, cfg.seed, t)
+            refs = Refs.concat([refs, Refs.of_origin("real", fresh)])
         return refs
 
-    def select_on_shards(self, candidates: list[Ref], n: int, seed: int) -> np.ndarray:
+    def select_on_shards(self, candidates: Refs, n: int, seed: int) -> np.ndarray:
         """``select`` of ``n`` of ``candidates`` on ``knn.shards`` actors that read their own
         rows from the embedding Parquet files (whole files, or chosen rows of them where the
         candidates are not all of an origin's rows in stored order): the driver never holds the

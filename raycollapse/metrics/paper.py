@@ -104,6 +104,8 @@ def paper_metrics(
     real images (uint8 ``N x H x W [x C]`` each). The training subset is a seeded random one of
     (run seed, ``iteration``); the generated images are the first ones of the pool (ids are
     independent samples). ``settings``: :func:`paper_settings` (``None``: no columns).
+    ``generated`` and ``train`` may also be lazy rows (``len``, and a slice or an integer array
+    giving an array): only the rows the metrics use are then read (``loop.measure.LazyImages``).
     """
     if settings is None:
         return {}
