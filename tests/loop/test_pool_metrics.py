@@ -22,6 +22,7 @@ from raycollapse.io import embedding_stream as stream_module
 from raycollapse.io import parquet as parquet_module
 from raycollapse.io.parquet import list_column_to_matrix
 from raycollapse.loop.catalog import Catalog
+from raycollapse.loop.measure import iteration_metrics
 from raycollapse.loop.pool_metrics import feature_metrics
 from raycollapse.metrics.distribution import frechet_distance, prdc
 
@@ -51,6 +52,8 @@ def _make_run(root: Path, n_real: int, n_pool: int, b: int, d: int) -> dict:
     real_ids = np.arange(n_real) * 3 + 1  # ids are not row numbers
     real = {int(i): v for i, v in zip(real_ids, clustered(n_real, d, 1), strict=True)}
     _write_embeddings(root / "real/embeddings/pixel", real_ids, np.stack(list(real.values())), 2, 1)
+    (root / "real/data").mkdir(parents=True)  # the real images' folder: its schema says "no MoG"
+    pq.write_table(pa.table({"id": pa.array(real_ids, pa.int64())}), root / "real/data/p.parquet")
     pools = []
     for t in (0, 1):
         ids = np.arange(n_pool) + 1000 * t
@@ -111,7 +114,7 @@ def test_in_process_metrics_equal_the_definitions(small, chunk_rows: int) -> Non
     assert set(cat._emb) <= {("real", "pixel")}  # no pool cached (neither gen_1 nor gen_0)
 
 
-def test_sharded_metrics_equal_the_definitions_and_stream_the_pool(
+def test_sharded_metrics_row_equals_the_definitions_and_streams_the_pool(
     ray_local, small, monkeypatch
 ) -> None:
     """With shards > 1 the driver turns at most one chunk (7 rows) of the pool's Parquet into
@@ -130,10 +133,12 @@ def test_sharded_metrics_equal_the_definitions_and_stream_the_pool(
     for module in (parquet_module, stream_module):
         monkeypatch.setattr(module, "list_column_to_matrix", counting)
     cat = Catalog(str(root), 3)
-    got = feature_metrics(
-        cat, "gen_1", info["refs"], "pixel", k=K, eps=EPS, shards=2, with_prdc=True,
+    row = iteration_metrics(
+        cat, 1, info["refs"], features=["pixel"], k=K, eps=EPS, fid_available=False, shards=2,
         chunk_bytes=4 * 5 * 7,
     )  # fmt: skip
-    _check_values(got, info)
+    _check_values({**row, "fd": row["fd_pixel"]}, info)
+    assert row["fid"] is None and row["train_size"] == len(info["refs"])
+    assert row["share_real"] == row["share_gen_0"] == 0.5
     assert max(sizes) <= 7 and sum(sizes) == len(info["pool_x"])  # one pass over the pool
     assert set(cat._emb) == {("real", "pixel")}
