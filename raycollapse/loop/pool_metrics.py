@@ -9,13 +9,16 @@ a kNN within the pool (its KL entropy, the PRDC radii of its rows):
 
 - ``shards > 1``: one sharded kNN index over the pool's files (``stages/knn_shards.py``: each
   actor reads its own rows); the driver receives r_k, 8 bytes per row and k, never the vectors.
-  The driver's pool-sized memory is then the ids (8 bytes per row) and those radii.
+  The driver's pool-sized memory is then the ids (8 bytes per row) and those radii; the
+  vectors pass through it one chunk at a time, each row once.
 - ``shards <= 1``: the in-process kNN needs the whole pool, so the driver reads it once, in id
   order, into one array (no cached copy in the Catalog; the kNN's FAISS index holds a second
   copy while it runs); the streamed accumulators take views of it.
 
 The ``entropy_generated`` / generalization / memorized metrics use the first len(train) pool
-rows by id: only those rows are read (the sharded path) or sliced (in process).
+rows by id: on the sharded path they are kept as the chunks pass (the ids at most the
+len(train)-th smallest), in process sliced from the array. The training set is read row by row
+from its origins' files (:func:`train_embeddings`), never through a whole cached origin.
 """
 
 from __future__ import annotations
