@@ -41,8 +41,10 @@ __all__ = [
 
 EMBEDDING = "embedding"
 # Default bytes of float32 vectors per chunk: large enough that per-chunk overheads (a FAISS
-# index of the chunk, Python calls) vanish, small next to a pool (d = 2048: 4096 rows).
-CHUNK_BYTES = 32 * 2**20
+# index of the chunk, Python calls) vanish, small next to a pool (d = 2048: 1024 rows). A
+# consumer's working set is a few times this (the metrics stage: a float64 copy, the chunk's
+# FAISS index), so it stays small too.
+CHUNK_BYTES = 8 * 2**20
 _READ_BUFFER = 2**20  # Arrow's read buffer per column chunk (see the module docstring)
 
 

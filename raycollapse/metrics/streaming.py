@@ -27,7 +27,9 @@ from raycollapse.neighbors.validate import as_features, check_k, check_same_dim
 
 __all__ = ["GaussianStats", "PrdcAccumulator"]
 
-_STATS_ROWS = 8192  # rows per float64 temporary in GaussianStats.add (as feature_stats)
+# Values per float64 temporary in GaussianStats.add (8 MiB, whatever d): the chunk's float64
+# copy is then no larger than a float32 chunk of the loop's default size.
+_STATS_VALUES = 2**20
 
 
 class GaussianStats:
@@ -42,8 +44,9 @@ class GaussianStats:
     def add(self, x: np.ndarray) -> None:
         """Add the rows of ``x`` (any number >= 1)."""
         x = as_features(x, self.name, min_rows=1)
-        for s in range(0, x.shape[0], _STATS_ROWS):
-            self._merge(x[s : s + _STATS_ROWS])
+        rows = max(1, _STATS_VALUES // x.shape[1])
+        for s in range(0, x.shape[0], rows):
+            self._merge(x[s : s + rows])
 
     def _merge(self, x: np.ndarray) -> None:
         nb = x.shape[0]

@@ -87,4 +87,4 @@ def test_errors(folder, tmp_path) -> None:
     bad.write_bytes((root / "part-00000.parquet").read_bytes()[:100])
     with pytest.raises(UserInputError, match="damaged or incomplete"):
         list(iter_embeddings([str(bad)], 4))
-    assert chunk_rows_for(2048) == 4096 and chunk_rows_for(8, 4) == 1
+    assert chunk_rows_for(2048) == 1024 and chunk_rows_for(8, 4) == 1
