@@ -26,12 +26,18 @@ from raycollapse.curation.refs import Refs
 from raycollapse.data.records import encode_png
 from raycollapse.data.vectors import vector_array
 from raycollapse.io import storage
-from raycollapse.io.embedding_stream import CHUNK_BYTES, embedding_files
+from raycollapse.io.embedding_stream import (
+    CHUNK_BYTES,
+    chunk_rows_for,
+    embedding_dim,
+    embedding_files,
+    read_smallest_ids,
+)
 from raycollapse.io.grids import image_grid
 from raycollapse.loop import layout
 from raycollapse.loop.catalog import Catalog, Ref, origin_of
 from raycollapse.loop.pool_metrics import MEMORIZED_RATIO as MEMORIZED_RATIO  # re-exported
-from raycollapse.loop.pool_metrics import feature_metrics, pool_kth_distances
+from raycollapse.loop.pool_metrics import feature_metrics, pool_kth_distances, train_embeddings
 from raycollapse.metrics.paper import paper_metrics
 from raycollapse.neighbors.knn import knn_search
 
@@ -137,9 +143,12 @@ def write_nearest(
     """The generated samples closest to a training sample (smallest d1/d2), beside that sample."""
     gen = origin_of(iteration)
     train_refs = Refs.of(train_refs)
-    train_x = cat.gather_embeddings(train_refs, features)
-    pool_ids, pool_x = cat.embeddings(gen, features)
-    gen_ids, gen_x = pool_ids[: len(train_refs)], pool_x[: len(train_refs)]
+    # The training set's rows and the pool's first len(train) rows by id only, in bounded
+    # chunks: never the whole pool (nor the earlier pools a training set may come from).
+    files = embedding_files(cat.embeddings_uri(gen, features))
+    chunk = chunk_rows_for(embedding_dim(files) or 1)
+    train_x = train_embeddings(cat, train_refs, features, chunk)
+    gen_ids, gen_x = read_smallest_ids(files, len(train_refs), chunk)
     nn = knn_search(train_x, gen_x, 2)
     d1, d2 = nn.distances[:, 0], nn.distances[:, 1]
     ratio = d1 / np.maximum(d2, 1e-12)
