@@ -376,7 +376,10 @@ def knn_self(
     """The ``k`` nearest neighbours of every row of ``x`` among the other rows (1 <= k < N).
 
     Each point is excluded by index (see :func:`drop_self`), so an exact duplicate of a point
-    is a neighbour at distance 0.0. Other arguments as in :func:`knn_search`.
+    is a neighbour at distance 0.0. Other arguments as in :func:`knn_search`. On the CPU with
+    ``method='auto'`` the rows partition pruning gives up on are searched by symmetric products
+    (:mod:`raycollapse.neighbors.self_search`, each pair computed once; ``threads`` Python
+    threads, default BLAS's), with the same result.
     """
     x = as_features(x, "features")
     k = check_k(k, x.shape[0])

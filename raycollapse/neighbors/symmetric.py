@@ -66,15 +66,6 @@ def screen_error_constant(d: int) -> float:
     return _SAFETY * c
 
 
-def _round_up_f32(t: np.ndarray) -> np.ndarray:
-    """float32 values >= the float64 ``t`` (a float32 screen value <= t passes t32)."""
-    t32 = t.astype(np.float32)
-    low = t32 < t
-    if low.any():
-        t32[low] = np.nextafter(t32[low], np.float32(np.inf))
-    return t32
-
-
 class _Store:
     """The k best candidates of the rows of one block, exact, plus pending screen hits."""
 
@@ -222,7 +213,7 @@ def symmetric_self_knn(
     nmax = [float(norms_o[s : s + block].max()) for s in starts]
     stores = [_Store(order[s : min(s + block, nq)], k, norms, c) for s in starts[:nqb]]
 
-    def pair(bi: int, bj: int, out: np.ndarray) -> None:
+    def pair(bi: int, bj: int, out: np.ndarray, buf: np.ndarray) -> None:
         """Screen block pair (bi, bj), bj >= bi, for the query rows of both blocks."""
         i0, j0 = starts[bi], starts[bj]
         i1, j1 = min(i0 + block, n_total), min(j0 + block, n_total)
@@ -246,13 +237,17 @@ def symmetric_self_knn(
         if st_j is not None:
             base_j, top_j = st_j.limits()
             top_i = max(top_i, top_j + c * nmax[bi])
-        # One float32 scalar screens the block (its rows have similar norms, hence limits);
-        # most far-apart blocks are dismissed by their minimum alone.
-        tau = _round_up_f32(np.array([top_i]))[0]
-        if not a.min() <= tau:
-            return
+        # One float32 scalar screens the block (its rows have similar norms, hence limits),
+        # rounded up so that every entry within a row's float64 limit passes.
+        tau = np.float32(top_i)
+        if tau < top_i:
+            tau = np.nextafter(tau, np.float32(np.inf))
         flat = a.ravel()
-        hits = np.flatnonzero(flat <= tau)
+        mask = buf[: flat.size]
+        np.less_equal(flat, tau, out=mask)
+        hits = np.flatnonzero(mask)
+        if hits.size == 0:
+            return
         r, cc = np.divmod(hits, j1 - j0)
         av = flat[hits].astype(np.float64)  # float64 from here: exact comparisons with limits
         m = (r < ni) & (av <= base_i[np.minimum(r, ni - 1)] + c * nmax[bj])
@@ -265,16 +260,16 @@ def symmetric_self_knn(
 
     def first(bj: int) -> None:
         """Seeding pairs: the diagonal block of bj and the pair (0, bj)."""
-        out = np.empty((block, block), dtype=np.float32)
+        out, buf = np.empty((block, block), dtype=np.float32), np.empty(block * block, dtype=bool)
         if bj < nqb:
-            pair(bj, bj, out)
+            pair(bj, bj, out, buf)
         if bj > 0:
-            pair(0, bj, out)
+            pair(0, bj, out, buf)
 
     def row(bi: int) -> None:
-        out = np.empty((block, block), dtype=np.float32)
+        out, buf = np.empty((block, block), dtype=np.float32), np.empty(block * block, dtype=bool)
         for bj in range(bi + 1, len(starts)):
-            pair(bi, bj, out)
+            pair(bi, bj, out, buf)
 
     with blas_single_threaded() as blas_threads:
         n_workers = max(1, int(workers or blas_threads))
