@@ -79,10 +79,10 @@ def test_far_from_origin_with_outliers_and_near_ties() -> None:
 
 def test_subset_of_query_rows_and_two_workers() -> None:
     rng = np.random.default_rng(5)
-    x = rng.normal(size=(1500, 12)).astype(np.float32)
-    x[1400:1410] = x[3]
-    rows = np.sort(rng.choice(1500, 700, replace=False))
-    rows = np.union1d(rows, np.arange(1400, 1405))
+    x = rng.normal(size=(1200, 12)).astype(np.float32)
+    x[1100:1110] = x[3]
+    rows = np.sort(rng.choice(1200, 600, replace=False))
+    rows = np.union1d(rows, np.arange(1100, 1105))
     check(x, 3, rows)
     check(x, 3, rows, workers=2)
     check(x, 4, workers=2)
@@ -105,6 +105,7 @@ def test_a_bound_too_small_loses_neighbours(monkeypatch: pytest.MonkeyPatch) -> 
     assert screen_error_constant(16) > 18 * 2.0**-24 * 2
 
 
+@pytest.mark.slow  # ~10 s on a quiet host, 35-55 s at load 20
 def test_knn_self_auto_uses_it_on_isotropic_data_with_the_same_result() -> None:
     """N = 20,000 isotropic: partition pruning gives up and the symmetric search takes its rows;
     the result is the flat search's, and about half the pairs are computed."""
