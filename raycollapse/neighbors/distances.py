@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["pair_distances", "rerank_exact", "sort_rows"]
+__all__ = ["drop_self_rows", "pair_distances", "rerank_exact", "sort_rows"]
 
 _RERANK_ELEMENTS = 1 << 22
 _ROWS = 1 << 16  # rows per chunk of the float64 differences in pair_distances
@@ -65,3 +65,14 @@ def rerank_exact(
         np.multiply(diff, diff, out=diff)
         np.sqrt(diff.sum(axis=2), out=dist[s : s + rows])
     return sort_rows(dist, cand)
+
+
+def drop_self_rows(
+    dist: np.ndarray, idx: np.ndarray, query_ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's own index ``query_ids[q]`` from its sorted neighbours and keep ``k``
+    (the last one is dropped where the index is absent); see ``knn.drop_self``."""
+    is_self = idx == query_ids[:, None]
+    # Stable sort puts the kept entries first, in their original (sorted) order.
+    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(idx, order, axis=1)

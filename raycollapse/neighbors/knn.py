@@ -25,13 +25,14 @@ import numpy as np
 
 from raycollapse.errors import UserInputError
 from raycollapse.neighbors.device import GPU_MAX_K, parse_device
-from raycollapse.neighbors.distances import rerank_exact, sort_rows
+from raycollapse.neighbors.distances import drop_self_rows, rerank_exact, sort_rows
 from raycollapse.neighbors.partitioned import (
     Partition,
     build_partition,
     default_n_lists,
     partitioned_candidates,
 )
+from raycollapse.neighbors.self_search import screen_applies, self_knn_cpu
 from raycollapse.neighbors.threads import faiss_threads
 from raycollapse.neighbors.validate import as_features, check_k
 
@@ -300,14 +301,8 @@ def drop_self(result: KnnResult, query_ids: np.ndarray, k: int) -> KnnResult:
         raise UserInputError(f"drop_self: {query_ids.shape[0]} query ids for {nq} result rows")
     if m < k + 1:
         raise UserInputError(f"drop_self needs k + 1 = {k + 1} neighbours per row, got {m}")
-    is_self = result.indices == query_ids[:, None]
-    # Stable sort puts the kept entries first, in their original (sorted) order.
-    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
-    return KnnResult(
-        np.take_along_axis(result.distances, order, axis=1),
-        np.take_along_axis(result.indices, order, axis=1),
-        result.pair_share,
-    )
+    dist, idx = drop_self_rows(result.distances, result.indices, query_ids, k)
+    return KnnResult(dist, idx, result.pair_share)
 
 
 def merge_topk(results: Sequence[KnnResult], offsets: Sequence[int], k: int) -> KnnResult:
@@ -381,7 +376,10 @@ def knn_self(
     """The ``k`` nearest neighbours of every row of ``x`` among the other rows (1 <= k < N).
 
     Each point is excluded by index (see :func:`drop_self`), so an exact duplicate of a point
-    is a neighbour at distance 0.0. Other arguments as in :func:`knn_search`.
+    is a neighbour at distance 0.0. Other arguments as in :func:`knn_search`. On the CPU with
+    ``method='auto'`` the rows partition pruning gives up on are searched by symmetric products
+    (:mod:`raycollapse.neighbors.self_search`, each pair computed once; ``threads`` Python
+    threads, default BLAS's), with the same result.
     """
     x = as_features(x, "features")
     k = check_k(k, x.shape[0])
@@ -389,6 +387,14 @@ def knn_self(
     if index._gpu is not None and k + 1 > GPU_MAX_K:  # pragma: no cover - GPU only
         raise UserInputError(f"k={k} exceeds the FAISS GPU limit; lower --k or use 'cpu'")
     index.add(x)
+    _check_batch_size(batch_size)
+    if index._gpu is None and method == "auto" and screen_applies(x):
+        # Symmetric products for the rows partition pruning leaves (same result as flat).
+        part = index._get_partition() if index._prunes(x.shape[0]) else None
+        n_fetch = min(k + 1 + _RERANK_PAD, x.shape[0])
+        with faiss_threads(threads):
+            dist, idx, share = self_knn_cpu(x, k, n_fetch, part, workers=threads)
+        return KnnResult(dist, idx, share)
     return index._search(
         x, k, batch_size=batch_size, query_ids=np.arange(x.shape[0], dtype=np.int64)
     )

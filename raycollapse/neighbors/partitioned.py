@@ -96,11 +96,13 @@ class PruneStats:
 
     ``flat_queries``: queries searched flat because pruning would not pay off for their group;
     ``pair_share``: share of the ``queries x rows`` distances FAISS computed (1.0 = a flat
-    search; on clustered data a small fraction).
+    search; on clustered data a small fraction). ``flat_rows``: with ``search_flat=False``,
+    the (sorted) queries left for the caller, their result rows unset; else None.
     """
 
     flat_queries: int
     pair_share: float
+    flat_rows: np.ndarray | None = None
 
 
 def default_n_lists(n: int) -> int:
@@ -251,6 +253,7 @@ def partitioned_candidates(
     seed: int = 0,
     flat_fraction: float = 0.5,
     batch_size: int = 4096,
+    search_flat: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, PruneStats]:
     """The ``n_fetch`` nearest ``data`` rows of every query, exact, by partition pruning.
 
@@ -265,7 +268,9 @@ def partitioned_candidates(
 
     Groups are searched single-threaded on as many Python threads as BLAS has threads (many
     small products scale that way, see :mod:`raycollapse.neighbors.threads`); the flat remainder
-    uses FAISS's own threads.
+    uses FAISS's own threads. ``search_flat=False`` leaves the queries that would go flat to
+    the caller (``stats.flat_rows``; the within-set search computes them symmetrically) and
+    counts no pairs for them.
     """
     n, nq = data.shape[0], queries.shape[0]
     if not 1 <= n_need <= n_fetch <= n:
@@ -310,8 +315,11 @@ def partitioned_candidates(
                     else:
                         out_d[rows], out_i[rows], group_pairs = found
                         pairs += group_pairs
+    flat_rows = np.sort(np.concatenate(flat)) if flat else np.empty(0, dtype=np.int64)
+    if not search_flat:
+        return out_d, out_i, PruneStats(n_flat, pairs / (nq * n) if nq else 1.0, flat_rows)
     if flat:
-        rows = np.sort(np.concatenate(flat))
+        rows = flat_rows
         for s in range(0, rows.size, batch_size):
             r = rows[s : s + batch_size]
             _, nn = faiss.knn(queries[r], data, n_fetch)
