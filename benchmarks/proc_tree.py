@@ -9,6 +9,9 @@ import threading
 import time
 from pathlib import Path
 
+# Ray's per-node agents carry the ``ray::`` prefix too but are Ray's own processes, not workers.
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
 
 def status(pid: int) -> dict[str, int]:
     """VmRSS / VmHWM of ``/proc/PID/status`` in bytes (empty if the process is gone)."""
@@ -78,7 +81,7 @@ class TreeRss:
                 continue  # the driver (and anything it forked) is counted as the driver
             rss = status(pid).get("VmRSS", 0)
             cmd = self.name(pid)
-            if cmd.startswith("ray::"):
+            if cmd.startswith("ray::") and not cmd.startswith(RAY_AGENTS):
                 workers += rss
                 name = cmd.split()[0]
                 old = self.worker_peak.get(pid, (name, 0))
@@ -115,13 +118,20 @@ def descendants(below: dict[int, int], top: int) -> set[int]:
     return out
 
 
-def settle(root: int, timeout: float = 30.0) -> None:
-    """Wait until the previous run's workers are gone (only idle ``ray::IDLE`` ones left), so
-    that they are not counted as this run's."""
+def settle(root: int, timeout: float = 30.0, quiet: float = 2.0) -> None:
+    """Wait until the previous run's workers are gone, so that they are not counted as this
+    run's: until the busy workers below ``root`` (not ``ray::IDLE``) have not changed for
+    ``quiet`` s. Ray Data's detached helpers (its stats actor) outlive a run and stay."""
     deadline = time.monotonic() + timeout
+    last: set[int] | None = None
+    since = time.monotonic()
     while time.monotonic() < deadline:
-        busy = [p for p in tree(root) if TreeRss.name(p).startswith("ray::")
-                and not TreeRss.name(p).startswith("ray::IDLE")]  # fmt: skip
-        if not busy:
+        busy = {
+            p for p in tree(root)
+            if (n := TreeRss.name(p)).startswith("ray::") and not n.startswith(("ray::IDLE", *RAY_AGENTS))
+        }  # fmt: skip
+        if busy != last:
+            last, since = busy, time.monotonic()
+        elif time.monotonic() - since >= quiet:
             return
         time.sleep(0.5)
