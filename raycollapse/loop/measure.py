@@ -20,27 +20,34 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raycollapse.curation.entropy import kl_entropy
+from raycollapse.curation.entropy import entropy_from_knn_distances
 from raycollapse.curation.paradigms import lineage
 from raycollapse.curation.refs import Refs
 from raycollapse.data.records import encode_png
 from raycollapse.data.vectors import vector_array
 from raycollapse.io import storage
+from raycollapse.io.embedding_stream import (
+    CHUNK_BYTES,
+    chunk_rows_for,
+    embedding_dim,
+    embedding_files,
+    read_smallest_ids,
+)
 from raycollapse.io.grids import image_grid
 from raycollapse.loop import layout
 from raycollapse.loop.catalog import Catalog, Ref, origin_of
-from raycollapse.metrics.distribution import frechet_distance, prdc
-from raycollapse.metrics.memorization import generalization_from_distances, memorized_from_distances
+from raycollapse.loop.pool_metrics import MEMORIZED_RATIO as MEMORIZED_RATIO  # re-exported
+from raycollapse.loop.pool_metrics import feature_metrics, pool_kth_distances, train_embeddings
 from raycollapse.metrics.paper import paper_metrics
 from raycollapse.neighbors.knn import knn_search
 
-MEMORIZED_RATIO = 1.0 / 3.0
+# Per feature space, suffixed with the space's name after the first one.
+_PER_FEATURE = (
+    "entropy_train", "entropy_pool", "entropy_generated", "generalization_score",
+    "memorized_fraction",
+)  # fmt: skip
 NEAREST_PAIRS = 16
 GRID_SAMPLES = 64
-
-
-def _entropy(x: np.ndarray, k: int, eps: float) -> float | None:
-    return kl_entropy(x, k=k, eps=eps).entropy if len(x) > k else None
 
 
 def iteration_metrics(
@@ -54,33 +61,28 @@ def iteration_metrics(
     fid_available: bool,
     paper: dict[str, Any] | None = None,
     shards: int = 1,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> dict[str, Any]:
     """The metrics row of ``iteration`` (timings are added by the loop); ``paper``: the paper's
-    metric variants (``metrics.paper.paper_settings``), None = none. ``shards > 1``: the pool's
-    entropy on that many Ray actors that read the pool's embedding files themselves
-    (:func:`pool_entropy_sharded`, the same value)."""
+    metric variants (``metrics.paper.paper_settings``), None = none. ``shards > 1``: the kNN
+    within the pool (its entropy, its PRDC radii) on that many Ray actors that read the pool's
+    embedding files themselves (the same values). The pool's vectors reach the driver
+    ``chunk_bytes`` at a time (whole, once, for the in-process kNN when ``shards <= 1``); see
+    :mod:`raycollapse.loop.pool_metrics`."""
     gen = origin_of(iteration)
     row: dict[str, Any] = {"iteration": iteration, "train_size": len(train_refs)}
     for i, f in enumerate(features):
         suffix = "" if i == 0 else f"_{f}"
-        train_x = cat.gather_embeddings(train_refs, f)
-        pool_ids, pool_x = cat.embeddings(gen, f)
-        gen_x = pool_x[: len(train_refs)]
-        _, real_x = cat.embeddings("real", f)
-        nn = knn_search(train_x, gen_x, 2)
-        d1, d2 = nn.distances[:, 0], nn.distances[:, 1]
-        row[f"entropy_train{suffix}"] = _entropy(train_x, k, eps)
-        row[f"entropy_pool{suffix}"] = (
-            _entropy(pool_x, k, eps)
-            if shards <= 1
-            else pool_entropy_sharded(cat.embeddings_uri(gen, f), len(pool_x), k, eps, shards)
-        )
-        row[f"entropy_generated{suffix}"] = _entropy(gen_x, k, eps)
-        row[f"generalization_score{suffix}"] = generalization_from_distances(d1)
-        row[f"memorized_fraction{suffix}"] = memorized_from_distances(d1, d2, MEMORIZED_RATIO)
-        row[f"fd_{f}"] = frechet_distance(pool_x, real_x)
+        # Pool rows are streamed from the files (loop/pool_metrics.py): never cached here.
+        got = feature_metrics(
+            cat, gen, train_refs, f, k=k, eps=eps, shards=shards, with_prdc=i == 0,
+            chunk_bytes=chunk_bytes,
+        )  # fmt: skip
+        for name in _PER_FEATURE:
+            row[f"{name}{suffix}"] = got[name]
+        row[f"fd_{f}"] = got["fd"]
         if i == 0:
-            row.update(prdc(real_x, pool_x, k=5))
+            row.update({m: got[m] for m in ("precision", "recall", "density", "coverage")})
     row["fid"] = row.get("fd_inception") if fid_available else None
     mog = cat.mog_meta()
     if mog is not None:
@@ -103,15 +105,8 @@ def pool_entropy_sharded(uri: str, n: int, k: int, eps: float, shards: int) -> f
     the files do not hold the rows in id order."""
     if n <= k:
         return None
-    from raycollapse.stages.knn_shards import ShardedIndex
-    from raycollapse.stages.runtime import ensure_ray
-    from raycollapse.stages.select_shards import auto_cpus_per_shard
-
-    ensure_ray()
-    shards = min(shards, n)
-    files = storage.list_files(uri)
-    with ShardedIndex.build(files, shards, num_cpus_per_shard=auto_cpus_per_shard(shards)) as idx:
-        return idx.entropy(k, eps).entropy
+    d, r = pool_kth_distances(embedding_files(uri), n, [k], shards)
+    return entropy_from_knn_distances(r[k], d, k, eps).entropy
 
 
 def write_samples_png(cat: Catalog, iteration: int, uri: str) -> None:
@@ -148,9 +143,12 @@ def write_nearest(
     """The generated samples closest to a training sample (smallest d1/d2), beside that sample."""
     gen = origin_of(iteration)
     train_refs = Refs.of(train_refs)
-    train_x = cat.gather_embeddings(train_refs, features)
-    pool_ids, pool_x = cat.embeddings(gen, features)
-    gen_ids, gen_x = pool_ids[: len(train_refs)], pool_x[: len(train_refs)]
+    # The training set's rows and the pool's first len(train) rows by id only, in bounded
+    # chunks: never the whole pool (nor the earlier pools a training set may come from).
+    files = embedding_files(cat.embeddings_uri(gen, features))
+    chunk = chunk_rows_for(embedding_dim(files) or 1)
+    train_x = train_embeddings(cat, train_refs, features, chunk)
+    gen_ids, gen_x = read_smallest_ids(files, len(train_refs), chunk)
     nn = knn_search(train_x, gen_x, 2)
     d1, d2 = nn.distances[:, 0], nn.distances[:, 1]
     ratio = d1 / np.maximum(d2, 1e-12)

@@ -40,6 +40,7 @@ from raycollapse.cli.main import main
 from raycollapse.config import load_config
 from raycollapse.errors import UserInputError
 from raycollapse.loop.runner import STAGES, run_loop
+from raycollapse.metrics.distribution import prdc
 from raycollapse.seeds import derive_seed
 
 pytestmark = pytest.mark.slow
@@ -221,7 +222,11 @@ def check_metrics(run: Path, cfg) -> None:
             "memorized_fraction": float(np.mean(d1 < d2 / 3)),
         }
         real = _embeddings(run, "real", "pixel")
-        expected["fd_pixel"] = frechet_reference(pool_x, np.stack([real[i] for i in sorted(real)]))
+        real_x = np.stack([real[i] for i in sorted(real)])
+        expected["fd_pixel"] = frechet_reference(pool_x, real_x)
+        # PRDC, streamed over the pool by the loop: bit for bit the whole-array function's
+        want = prdc(real_x, pool_x, k=5)
+        assert {key: row[key] for key in want} == want, t
         for key, value in expected.items():
             tol = 1e-6 if key == "fd_pixel" else 1e-9  # sqrtm of a singular product vs eigh
             assert row[key] == pytest.approx(value, rel=tol, abs=1e-12), (t, key)

@@ -251,6 +251,7 @@ def test_grid_and_nearest_read_only_their_rows(tmp_path, run):
     want_train = [_png(train[refs[int(j)][1]][0]) for j in nn[order, 0]]
     assert got.column("train_image").to_pylist() == want_train
     assert cat.rows_decoded == min(GRID_SAMPLES, POOL) + 2 * len(order) and not cat._images
+    assert not cat._emb  # the pool's (and the training set's) embeddings were not loaded whole
 
 
 def test_lazy_images_are_the_arrays_paper_metrics_indexes(run):
