@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,11 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from loop_memory_report import SECTION, _section, summarize
 from proc_tree import TreeRss, settle, status
+from readme_section import update_readme
 
 HERE = Path(__file__).resolve().parent
-SECTION = "## Memory: a whole loop"
-GB24 = 24e9
 RESULT = "BENCH_LOOP_MEMORY "  # the --case subprocess's result line
 STAGE_LINE = re.compile(r"\] iteration (\d+) (\w+) \.\.\.$")
 
@@ -168,10 +169,15 @@ def measure(args: argparse.Namespace, b: int, shards: int, paradigm: str, env: d
     reader = threading.Thread(target=read_err, daemon=True)
     reader.start()
     assert proc.stdout is not None
-    out = proc.stdout.read()
-    proc.wait()
+    try:
+        out = proc.stdout.read()
+        proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted: the run goes too
+            proc.kill()
+            proc.wait()
+        rss.stop()
     reader.join()
-    rss.stop()
     res: dict[str, Any] = {"b": b, "m": args.m, "n": round(args.m * b), "shards": shards,
                            "paradigm": paradigm, "real_rows": b * args.real_multiple,
                            "wall_seconds": time.perf_counter() - t0}  # fmt: skip
@@ -207,35 +213,6 @@ def measure(args: argparse.Namespace, b: int, shards: int, paradigm: str, env: d
     if not args.keep:
         shutil.rmtree(storage, ignore_errors=True)
     return res
-
-
-# -- fits ---------------------------------------------------------------------------------------
-
-
-def fit_b(bs: list[int], ys_mb: list[float]) -> dict[str, float]:
-    """Least-squares line of ``ys`` (MiB) on B: bytes per unit of B, intercept (MiB) and the
-    largest B under 24 GB (inf where the slope is not positive: no growth measured)."""
-    a = np.stack([np.ones(len(bs)), np.asarray(bs, float)], axis=1)
-    (c0, c1), *_ = np.linalg.lstsq(a, np.asarray(ys_mb, float) * 2**20, rcond=None)
-    max_b = (GB24 - c0) / c1 if c1 > 0 else float("inf")
-    return {"bytes_per_b": float(c1), "intercept_mb": float(c0 / 2**20), "max_b_24gb": float(max_b)}
-
-
-def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per (shards, paradigm): the fits of the driver, the largest worker, the workers' sum and
-    the machine's total (driver + workers + Ray's processes) on B."""
-    fits: dict[str, Any] = {}
-    groups = sorted({(c["shards"], c["paradigm"]) for c in cases if "error" not in c})
-    for s, p in groups:
-        cs = [c for c in cases if (c["shards"], c["paradigm"]) == (s, p) and "error" not in c]
-        if len({c["b"] for c in cs}) < 2:
-            continue
-        bs = [c["b"] for c in cs]
-        fits[f"shards={s} {p}"] = {
-            key: fit_b(bs, [c[f"{key}_mb"] for c in cs])
-            for key in ("driver_peak", "worker_max_peak", "workers_sum_peak", "machine_peak")
-        } | {"b_range": [min(bs), max(bs)]}
-    return fits
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -290,8 +267,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="B = 16, 32; shards 2: the cheapest loops")
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--readme", action="store_true", help="write the section of README.md")
+    p.add_argument(
+        "--from-json", help="write the README section from this results JSON; run nothing"
+    )
     p.add_argument("--case", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.from_json:  # re-render the README section of a finished measurement
+        update_readme(
+            HERE / "README.md", SECTION, _section(json.loads(Path(args.from_json).read_text()))
+        )
+        return {}
     if args.case:
         run_case(args.case[1:])  # "run CONFIG overrides..."
         return {}
@@ -305,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray
 
     started = False
+    # SIGTERM (kill PID) as Ctrl-C: the run killed and this Ray shut down by the finally below
+    old_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         env, started = _ray_env(args, temp)
         for paradigm in args.paradigms:
@@ -313,7 +300,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     case = measure(args, b, s, paradigm, env, data)
                     results["cases"].append(case)
                     print(json.dumps(case), flush=True)
+                    if args.out:  # so far, should a later case not finish
+                        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     finally:
+        signal.signal(signal.SIGTERM, old_term)
         if started:
             ray.shutdown()
         if not args.data:
@@ -325,8 +315,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     if args.readme:
-        from readme_section import update_readme
-
         update_readme(HERE / "README.md", SECTION, _section(results))
     return results
 
@@ -337,84 +325,6 @@ def _commit() -> str:
                               capture_output=True, text=True).stdout.strip()  # fmt: skip
     except OSError:
         return "?"
-
-
-def stage_growth(cases: list[dict[str, Any]]) -> dict[str, float]:
-    """The driver's sampled peak per loop stage between the smallest and the largest B of
-    ``cases`` (one shards/paradigm group): bytes per unit of B, largest first."""
-    lo, hi = min(cases, key=lambda c: c["b"]), max(cases, key=lambda c: c["b"])
-    if hi["b"] == lo["b"]:
-        return {}
-    out = {}
-    for st, v in hi["by_stage_mb"].items():
-        if st in lo["by_stage_mb"]:
-            out[st] = (v["driver"] - lo["by_stage_mb"][st]["driver"]) * 2**20 / (hi["b"] - lo["b"])
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
-
-
-def _fmt_b(v: float) -> str:
-    return "no growth measured" if v == float("inf") else f"{v:,.0f}"
-
-
-def _section(r: dict[str, Any]) -> str:
-    a = r["args"]
-    cmd = (
-        f"python benchmarks/bench_loop_memory.py --grid {' '.join(map(str, a['grid']))} "
-        f"--m {a['m']:g} --shards {' '.join(map(str, a['shards']))} "
-        f"--paradigms {' '.join(a['paradigms'])} --side {a['side']} "
-        f"--train-steps {a['train_steps']} --sample-steps {a['sample_steps']} --readme"
-    )
-    lines = [
-        SECTION, "",
-        f"`{cmd}` (commit {r['commit']}; a real `raycollapse run`, 2 iterations, per case, on a Ray "
-        f"of the benchmark's own with {a['cpus']} CPUs and a {a['object_store_mb']} MB object store; "
-        f"{os.cpu_count()} cores). `uptime` before: `{r['uptime_before']}`; after: "
-        f"`{r['uptime_after']}` (the host is shared: times are rough, memory is not).", "",
-        f"Each run: {a['real_multiple']} x B real {a['side']}x{a['side']} grayscale images (Parquet), "
-        "the tiny UNet, iteration 1 selecting B of m x B candidates greedily (pixel features), "
-        "generation and embedding on one Ray actor each. Driver: the CLI process's peak RSS "
-        "(VmHWM, or the 0.2 s samples where larger). Workers: the `ray::` processes of the "
-        "benchmark's Ray, sampled every 0.2 s (the largest one, and the peak of their sum); Ray: "
-        "its own processes (raylet, GCS, agents). Machine = driver + workers' sum + Ray.", "",
-        "| shards | paradigm | B | N = m B | run s | driver peak MB (stage) | largest worker MB "
-        "| workers' sum MB | Ray's processes MB | machine MB |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
-    for c in r["cases"]:
-        if "error" in c:
-            lines.append(
-                f"| {c['shards']} | {c['paradigm']} | {c['b']} | {c['n']} | failed | | | | | |"
-            )
-            continue
-        top = max(c["by_stage_mb"].items(), key=lambda kv: kv[1]["driver"])[0]
-        lines.append(
-            f"| {c['shards']} | {c['paradigm']} | {c['b']} | {c['n']} | {c['seconds']:.0f} | "
-            f"{c['driver_peak_mb']:.0f} ({top}) | {c['worker_max_peak_mb']:.0f} "
-            f"({c['worker_max_name']}) | {c['workers_sum_peak_mb']:.0f} | "
-            f"{c['ray_system_peak_mb']:.0f} | {c['machine_peak_mb']:.0f} |"
-        )
-    lines.append("")
-    for group, f in r["fits"].items():
-        d, w, ws, mc = (f[k] for k in ("driver_peak", "worker_max_peak", "workers_sum_peak",
-                                       "machine_peak"))  # fmt: skip
-        cs = [
-            c
-            for c in r["cases"]
-            if "error" not in c and f"shards={c['shards']} {c['paradigm']}" == group
-        ]
-        growth = ", ".join(f"{st} {v:.0f}" for st, v in list(stage_growth(cs).items())[:3])
-        lines.append(
-            f"- {group} (least squares over B = {f['b_range'][0]}..{f['b_range'][1]}, m = "
-            f"{a['m']:g}): driver {d['bytes_per_b']:.0f} bytes per unit of B over "
-            f"{d['intercept_mb']:.0f} MB; largest worker {w['bytes_per_b']:.0f} over "
-            f"{w['intercept_mb']:.0f} MB; workers' sum {ws['bytes_per_b']:.0f} over "
-            f"{ws['intercept_mb']:.0f} MB; machine {mc['bytes_per_b']:.0f} over "
-            f"{mc['intercept_mb']:.0f} MB. Extrapolated to 24 GB: the driver alone B <= "
-            f"{_fmt_b(d['max_b_24gb'])}; driver + workers + Ray on one machine B <= "
-            f"{_fmt_b(mc['max_b_24gb'])}. The driver's growth by stage (bytes per unit of B, "
-            f"sampled peaks, largest first): {growth}."
-        )
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

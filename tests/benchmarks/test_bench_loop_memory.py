@@ -1,4 +1,5 @@
-"""``benchmarks/bench_loop_memory.py`` and its ``/proc`` sampling (``benchmarks/proc_tree.py``).
+"""``benchmarks/bench_loop_memory.py``, its ``/proc`` sampling (``benchmarks/proc_tree.py``) and
+its figures (``benchmarks/loop_memory_report.py``).
 
 The sampling is checked against a child process of a known size; the fit against numpy's
 ``polyfit``; the quick mode runs two whole ``raycollapse run`` loops on the session's Ray and its
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_loop_memory as blm  # noqa: E402
+import loop_memory_report as rep  # noqa: E402
 import proc_tree  # noqa: E402
 
 MB = 2**20
@@ -62,12 +64,12 @@ def test_tree_and_rss_see_a_child_of_known_size():
 def test_fit_b_is_least_squares():
     bs = [100, 400, 1200]
     ys = [1000.0, 1003.5, 1011.0]  # MiB
-    fit = blm.fit_b(bs, ys)
+    fit = rep.fit_b(bs, ys)
     slope, icpt = np.polyfit(bs, np.asarray(ys) * MB, 1)
     assert fit["bytes_per_b"] == pytest.approx(slope, rel=1e-9)
     assert fit["intercept_mb"] == pytest.approx(icpt / MB, rel=1e-9)
     assert fit["max_b_24gb"] == pytest.approx((24e9 - icpt) / slope, rel=1e-9)
-    assert blm.fit_b([100, 200], [5.0, 4.0])["max_b_24gb"] == float("inf")  # no growth
+    assert rep.fit_b([100, 200], [5.0, 4.0])["max_b_24gb"] == float("inf")  # no growth
 
 
 @pytest.mark.slow  # two whole loops: ~3 min at load 20 on 2 cores (tens of seconds alone)
@@ -97,5 +99,5 @@ def test_quick_mode_json(tmp_path, monkeypatch):
     ys = [c["driver_peak_mb"] for c in res["cases"]]
     slope = (ys[1] - ys[0]) * MB / 16  # two points: the least-squares line goes through both
     assert fit["driver_peak"]["bytes_per_b"] == pytest.approx(slope, rel=1e-6, abs=1e-3)
-    section = blm._section(res)
-    assert section.startswith(blm.SECTION) and "| 2 | replace | 32 | 160 |" in section
+    section = rep._section(res)
+    assert section.startswith(rep.SECTION) and "| 2 | replace | 32 | 160 |" in section
