@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--grid values must be >= 8, --shards >= 1 and --m >= 1")
     temp = tempfile.mkdtemp(prefix="rclm", dir="/tmp")  # short: Ray's socket paths have a limit
     data = Path(args.data) if args.data else Path(temp) / "data"
-    results: dict[str, Any] = {"uptime_before": _uptime(), "args": vars(args), "cases": []}
+    results: dict[str, Any] = {"uptime_before": _uptime(), "args": vars(args), "cases": [],
+                               "commit": _commit()}  # fmt: skip
     import ray
 
     started = False
@@ -310,7 +311,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(temp, ignore_errors=True)
     results["fits"] = summarize(results["cases"])
     results["uptime_after"] = _uptime()
-    results["commit"] = _commit()
     print(json.dumps({"fits": results["fits"]}, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))

@@ -38,16 +38,25 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
     return fits
 
 
+def stage_steps(by_stage: dict[str, dict[str, float]]) -> dict[str, float]:
+    """How much each stage raised the driver's running peak (MiB), stages in run order: what
+    it needed beyond everything before it (RSS is carried from stage to stage)."""
+    out, peak = {}, 0.0
+    for st, v in by_stage.items():
+        out[st] = max(v["driver"] - peak, 0.0)
+        peak = max(peak, v["driver"])
+    return out
+
+
 def stage_growth(cases: list[dict[str, Any]]) -> dict[str, float]:
-    """The driver's sampled peak per loop stage between the smallest and the largest B of
-    ``cases`` (one shards/paradigm group): bytes per unit of B, largest first."""
+    """Per stage, the change of its step of the driver's peak (``stage_steps``) between the
+    smallest and the largest B of ``cases`` (one shards/paradigm group), in bytes per unit of
+    B, largest first; the steps add up to the peak, so these add up to its growth."""
     lo, hi = min(cases, key=lambda c: c["b"]), max(cases, key=lambda c: c["b"])
     if hi["b"] == lo["b"]:
         return {}
-    out = {}
-    for st, v in hi["by_stage_mb"].items():
-        if st in lo["by_stage_mb"]:
-            out[st] = (v["driver"] - lo["by_stage_mb"][st]["driver"]) * 2**20 / (hi["b"] - lo["b"])
+    s_lo, s_hi = stage_steps(lo["by_stage_mb"]), stage_steps(hi["by_stage_mb"])
+    out = {st: (v - s_lo.get(st, 0.0)) * 2**20 / (hi["b"] - lo["b"]) for st, v in s_hi.items()}
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
@@ -110,8 +119,8 @@ def _section(r: dict[str, Any]) -> str:
             f"{ws['intercept_mb']:.0f} MB; machine {mc['bytes_per_b']:.0f} over "
             f"{mc['intercept_mb']:.0f} MB. Extrapolated to 24 GB: the driver alone B <= "
             f"{_fmt_b(d['max_b_24gb'])}; driver + workers + Ray on one machine B <= "
-            f"{_fmt_b(mc['max_b_24gb'])}. The driver's growth by stage (bytes per unit of B, "
-            f"sampled peaks, largest first): {growth}."
+            f"{_fmt_b(mc['max_b_24gb'])}. Where the driver's peak grows (bytes per unit of B by the "
+            f"stage that raised its running peak, sampled, largest first): {growth}."
         )
     for group in r["fits"]:
         cs = [
@@ -132,17 +141,21 @@ def _section(r: dict[str, Any]) -> str:
 NOTES = (
     "What the figures hold. The driver trains in its own process (`train.launcher=auto`, one "
     "CPU worker): torch and the model put it at ~1 GB from iteration 0's `train` on, whatever "
-    "B; the generation actor (torch, the model, Ray Data) is the largest worker at ~1.1 GB; Ray "
-    "Data's helper actors (stats, autoscaling coordinator, location tracker) and Ray's own "
-    "processes add ~1 GB more. These fixed costs dominate the machine's total at every B "
-    "measured. What grows with B on the driver: the real data set, held whole for the whole "
-    "run (`load_records`: real rows x side^2 x channels bytes, plus Python per-image work "
-    "while it is read), the training set, read whole by the in-process trainer (B images), "
-    "and the metrics stage (the pool read in chunks of 8 MiB of vectors, 32768 rows at d = 64, "
-    "so at these N a chunk is the whole pool; PRDC against the whole real set's embeddings; "
-    "with `knn.shards = 1` the whole pool's vectors and a FAISS copy for its kNN). The data "
-    "here are 8x8 grayscale (64 bytes an image, d = 64): the per-B bytes of the first two "
-    "scale with the image size (48x at 32x32 RGB), and the slopes over this range of B include "
-    "allocator noise of tens of MB, so the 24 GB extrapolations are an order of magnitude, not "
-    "a limit."
+    "B; the generation actor (torch, the model, Ray Data; `.submit` is the same actor while it "
+    "runs a task) is the largest worker at ~1.1 GB; Ray Data's helper actors (stats, "
+    "autoscaling coordinator, location tracker) and Ray's own processes add ~1.2 GB more. These "
+    "fixed costs dominate the machine's total at every B measured, and the workers' figures "
+    "do not grow with B here (their slopes are noise). Stage `start` is the CLI up to its first "
+    "stage: imports, reading the real data set, joining Ray. What grows with B on the driver: "
+    "the real data set, held whole for the whole run (`load_records`: real rows x side^2 x "
+    "channels bytes, plus Python objects while it is read), the training set, read whole by "
+    "the in-process trainer (B images), and the metrics stage: the pool is read in chunks of "
+    "8 MiB of vectors (32768 rows at d = 64, so at these N one chunk is the whole pool and this "
+    "growth stops beyond N = 32768), float64 and kNN temporaries, PRDC against the whole real "
+    "set's embeddings, and with `knn.shards = 1` the whole pool's vectors and a FAISS copy. The "
+    "data here are 8x8 grayscale (64 bytes an image, d = 64): what is held per real and per "
+    "training image scales with the image size (3072 bytes at 32x32 RGB: ~9 KB per unit of B "
+    "for 2 B real images and B training images). Over this range of B the slopes are tens of "
+    "MB against allocator noise of the same order: the 24 GB extrapolations are an order of "
+    "magnitude, not a limit."
 )
