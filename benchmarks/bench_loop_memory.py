@@ -307,8 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         signal.signal(signal.SIGTERM, old_term)
         if started:
             ray.shutdown()
-        if not args.data:
-            shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)  # Ray's session files (and the data without --data)
     results["fits"] = summarize(results["cases"])
     results["uptime_after"] = _uptime()
     print(json.dumps({"fits": results["fits"]}, indent=1))
