@@ -66,7 +66,8 @@ def _fmt_b(v: float) -> str:
 
 def _section(r: dict[str, Any]) -> str:
     a = r["args"]
-    cmd = (
+    # "command": set where one section joins several runs (their commands, as run)
+    cmd = r.get("command") or (
         f"python benchmarks/bench_loop_memory.py --grid {' '.join(map(str, a['grid']))} "
         f"--m {a['m']:g} --shards {' '.join(map(str, a['shards']))} "
         f"--paradigms {' '.join(a['paradigms'])} --side {a['side']} "
@@ -74,7 +75,7 @@ def _section(r: dict[str, Any]) -> str:
     )
     lines = [
         SECTION, "",
-        f"`{cmd}` (commit {r['commit']}; a real `raycollapse run`, 2 iterations, per case, on a Ray "
+        f"{cmd if r.get('command') else '`' + cmd + '`'} (commit {r['commit']}; a real `raycollapse run`, 2 iterations, per case, on a Ray "
         f"of the benchmark's own with {a['cpus']} CPUs and a {a['object_store_mb']} MB object store; "
         f"{os.cpu_count()} cores). `uptime` before: `{r['uptime_before']}`; after: "
         f"`{r['uptime_after']}` (the host is shared: times are rough, memory is not).", "",
