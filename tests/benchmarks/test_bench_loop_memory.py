@@ -9,7 +9,6 @@ JSON is checked against what the runs wrote and what the sampling must have seen
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -19,12 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import session_ray_address
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_loop_memory as blm  # noqa: E402
 import loop_memory_report as rep  # noqa: E402
 import proc_tree  # noqa: E402
 
@@ -70,34 +67,3 @@ def test_fit_b_is_least_squares():
     assert fit["intercept_mb"] == pytest.approx(icpt / MB, rel=1e-9)
     assert fit["max_b_24gb"] == pytest.approx((24e9 - icpt) / slope, rel=1e-9)
     assert rep.fit_b([100, 200], [5.0, 4.0])["max_b_24gb"] == float("inf")  # no growth
-
-
-@pytest.mark.slow  # two whole loops: ~3 min at load 20 on 2 cores (tens of seconds alone)
-def test_quick_mode_json(tmp_path, monkeypatch):
-    session_ray_address()  # the session's Ray, in this process: the bench joins it
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    out = tmp_path / "r.json"
-    res = blm.main(["--quick", "--data", str(tmp_path / "d"), "--out", str(out), "--keep"])
-    assert json.loads(out.read_text())["cases"] == json.loads(json.dumps(res["cases"]))
-    assert [c["b"] for c in res["cases"]] == [16, 32]
-    for c in res["cases"]:
-        assert "error" not in c, c.get("error")
-        assert c["rc"] == 0 and c["ok"] and c["train_set_1_rows"] == c["b"] and c["n"] == 5 * c["b"]
-        run = tmp_path / "d" / "runs" / f"b{c['b']}_s2_replace"
-        rows = json.loads((run / "iter_001" / "metrics.json").read_text())
-        assert c["entropy_train_1"] == rows["entropy_train"]
-        # the driver trains in process: torch and the model are in it, far above a bare Python
-        assert c["driver_peak_mb"] >= c["driver_hwm_mb"] > 150
-        assert c["driver_peak_mb"] >= c["driver_sampled_peak_mb"] > 150
-        # generation and embedding ran on actors: workers below this process were seen
-        assert c["workers"] >= 1 and c["workers_sum_peak_mb"] >= c["worker_max_peak_mb"] > 30
-        assert c["ray_system_peak_mb"] > 30  # the session Ray's raylet and GCS are below us
-        stages = set(c["by_stage_mb"])
-        assert {"0:train", "0:generate", "1:train_set", "1:metrics"} <= stages, stages
-    fit = res["fits"]["shards=2 replace"]
-    assert fit["b_range"] == [16, 32]
-    ys = [c["driver_peak_mb"] for c in res["cases"]]
-    slope = (ys[1] - ys[0]) * MB / 16  # two points: the least-squares line goes through both
-    assert fit["driver_peak"]["bytes_per_b"] == pytest.approx(slope, rel=1e-6, abs=1e-3)
-    section = rep._section(res)
-    assert section.startswith(rep.SECTION) and "| 2 | replace | 32 | 160 |" in section
