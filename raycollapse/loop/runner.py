@@ -346,7 +346,8 @@ def _run(
     log(
         f"run '{rd.path}': {cfg.loop.iterations} iterations, paradigm {cfg.loop.paradigm}, selection {cfg.select.method}"
     )
-    _do(loop, 0, "real", lambda: loop.stage_real(real), sigint)
+    _do(loop, 0, "real", lambda real=real: loop.stage_real(real), sigint)
+    del real  # stored as Parquet now: the loop reads it from there, the driver need not hold it
     for t in range(cfg.loop.iterations):
         for stage in STAGES:
             fn = getattr(loop, f"stage_{stage}")
