@@ -87,7 +87,7 @@ def test_generate_stage_writes_vector_shards(tmp_path):
     sample = sample_settings({"steps": 4, "group_size": 4, "eta": 0.5})
     stage = GenerateStage(checkpoint="unused", out_uri=str(tmp_path), seed=3, sample=sample)
     stage.ckpt = Checkpoint(model, make_scheduler(), meta, "in memory")
-    stage.device = "cpu"
+    stage.device, stage.net, stage.amp = "cpu", model, None  # what setup() sets on the CPU
     table = stage.shard_table(2, 9)
     assert table.column_names[:2] == ["id", VECTOR_COLUMN]
     x = np.array(table.column(VECTOR_COLUMN).to_pylist(), np.float32)
