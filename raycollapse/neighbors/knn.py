@@ -32,7 +32,7 @@ from raycollapse.neighbors.partitioned import (
     default_n_lists,
     partitioned_candidates,
 )
-from raycollapse.neighbors.self_search import screen_applies, self_knn_cpu
+from raycollapse.neighbors.self_search import partition_may_pay, screen_applies, self_knn_cpu
 from raycollapse.neighbors.threads import faiss_threads
 from raycollapse.neighbors.validate import as_features, check_k
 
@@ -390,7 +390,8 @@ def knn_self(
     _check_batch_size(batch_size)
     if index._gpu is None and method == "auto" and screen_applies(x):
         # Symmetric products for the rows partition pruning leaves (same result as flat).
-        part = index._get_partition() if index._prunes(x.shape[0]) else None
+        prunes = index._prunes(x.shape[0]) and partition_may_pay(x, k)
+        part = index._get_partition() if prunes else None
         n_fetch = min(k + 1 + _RERANK_PAD, x.shape[0])
         with faiss_threads(threads):
             dist, idx, share = self_knn_cpu(x, k, n_fetch, part, workers=threads)

@@ -15,6 +15,7 @@ from helpers import brute_distances, brute_knn
 
 import raycollapse.neighbors.symmetric as symmetric
 from raycollapse.neighbors.knn import knn_self
+from raycollapse.neighbors.self_search import neighbour_contrast, partition_may_pay
 from raycollapse.neighbors.symmetric import screen_error_constant, symmetric_self_knn
 
 
@@ -116,6 +117,37 @@ def test_knn_self_auto_uses_it_on_isotropic_data_with_the_same_result() -> None:
     np.testing.assert_array_equal(auto.distances, flat.distances)
     assert auto.pair_share is not None and 0.4 < auto.pair_share < 0.7
     sub = np.arange(0, 20_000, 97)
+    ref_d, ref_i = brute_self(x, 3, sub)
+    np.testing.assert_array_equal(auto.indices[sub], ref_i)
+    np.testing.assert_allclose(auto.distances[sub], ref_d, rtol=1e-12, atol=0)
+
+
+def test_neighbour_contrast_is_its_definition_and_separates_clusters_from_noise() -> None:
+    """Median of (k-th nearest / median distance) over a seeded 1024-row sample, against a float64
+    re-computation; near 1 without structure in high dimension, small for clusters."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5000, 64)).astype(np.float32)
+    rows = np.sort(np.random.default_rng(0).choice(5000, 1024, replace=False))
+    dist = brute_distances(x[rows], x[rows])
+    np.fill_diagonal(dist, np.inf)
+    srt = np.sort(dist, axis=1)
+    ref = float(np.median(srt[:, 2] / srt[:, 511]))  # k = 3; median of the 1023 others
+    assert neighbour_contrast(x, 3) == pytest.approx(ref, rel=1e-3)
+    assert neighbour_contrast(x, 3) > 0.6 and not partition_may_pay(x, 3)
+    centres = rng.normal(scale=8.0, size=(50, 64))
+    clusters = (centres[rng.integers(0, 50, 5000)] + rng.normal(size=(5000, 64))).astype(np.float32)
+    assert neighbour_contrast(clusters, 3) < 0.4 and partition_may_pay(clusters, 3)
+    assert neighbour_contrast(x[:2], 1) == 1.0  # too few rows to measure: no pruning claimed
+
+
+def test_knn_self_skips_the_partition_where_it_cannot_pay() -> None:
+    """N = 20,000 isotropic in d = 64: no partition is built or probed (exactly the symmetric
+    search's n (n - 1) / 2 pairs are computed) and the neighbours are the brute force's."""
+    n = 20_000
+    x = np.random.default_rng(8).normal(size=(n, 64)).astype(np.float32)
+    auto = knn_self(x, 3)
+    assert auto.pair_share == (n * (n - 1) / 2) / (n * n)
+    sub = np.arange(0, n, 211)
     ref_d, ref_i = brute_self(x, 3, sub)
     np.testing.assert_array_equal(auto.indices[sub], ref_i)
     np.testing.assert_allclose(auto.distances[sub], ref_d, rtol=1e-12, atol=0)
