@@ -222,7 +222,9 @@ def check_sample(sample: SampleConfig, *, num_train_timesteps: int | None) -> No
         top = num_train_timesteps
         if sample.steps < 1 or (top is not None and sample.steps > top):
             bound = f"between 1 and {top}" if top is not None else ">= 1"
-            raise UserInputError(f"sample.steps must be {bound} for DDIM, got {sample.steps}.")
+            high = top is not None and sample.steps > top
+            fix = f"; set sample.steps (generate: --steps) to at most {top}" if high else ""
+            raise UserInputError(f"sample.steps must be {bound} for DDIM, got {sample.steps}{fix}.")
 
 
 def check_sample_precision(sample: SampleConfig, *, on_gpu: bool, gpu_key: str) -> None:

@@ -83,7 +83,8 @@ def sampling_scheduler(train_scheduler: Any, sampler: str, steps: int):
     elif sampler == "ddim":
         if not 1 <= steps <= total:
             raise UserInputError(
-                f"sample.steps must be between 1 and {total} for DDIM, got {steps}."
+                f"sample.steps must be between 1 and {total} for DDIM, got {steps}; set "
+                f"sample.steps (generate: --steps) to at most {total}."
             )
         sched = DDIMScheduler.from_config(train_scheduler.config)
         sched.set_timesteps(steps)

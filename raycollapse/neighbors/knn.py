@@ -389,7 +389,7 @@ def knn_self(
     index.add(x)
     _check_batch_size(batch_size)
     if index._gpu is None and method == "auto" and screen_applies(x):
-        # Symmetric products for the rows partition pruning leaves (same result as flat).
+        # Symmetric products for the rows pruning leaves, all rows where it cannot pay (same result).
         prunes = index._prunes(x.shape[0]) and partition_may_pay(x, k)
         part = index._get_partition() if prunes else None
         n_fetch = min(k + 1 + _RERANK_PAD, x.shape[0])

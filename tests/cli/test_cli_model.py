@@ -94,7 +94,10 @@ def test_generate_guided_with_labels(trained, tmp_path):
     [
         (["--guidance", "1.5"], "needs a class-conditional model"),
         (["--label", "3"], "needs a class-conditional model"),
-        (["--steps", "5000"], "between 1 and 1000"),
+        (
+            ["--steps", "5000"],
+            "between 1 and 1000 for DDIM, got 5000; set sample.steps (generate: --steps) to at most 1000",
+        ),
     ],
 )
 def test_generate_refusals(trained, tmp_path, capsys, args, fragment):

@@ -26,7 +26,18 @@ def test_generate_on_ray_equals_in_process(ckpt, tmp_path, ray_local, capsys):
 
 def test_generate_asks_for_gpus_the_cluster_lacks(ckpt, tmp_path, ray_local, capsys):
     code = main(
-        ["generate", ckpt, "--n", "8", "--out", str(tmp_path / "p"), "--gpus-per-actor", "1"]
+        [
+            "generate",
+            ckpt,
+            "--n",
+            "8",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path / "p"),
+            "--gpus-per-actor",
+            "1",
+        ]  # fmt: skip
     )
     assert code == 2 and "GPU" in capsys.readouterr().err
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())

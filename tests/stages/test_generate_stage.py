@@ -67,7 +67,7 @@ def test_pool_identity_keeps_older_pools_valid():
     signature under the defaults; other values are part of a pool's identity."""
     default = sample_identity(sample_settings(None))
     assert list(default) == ["sampler", "steps", "eta", "guidance", "label", "group_size"]
-    assert default == {"sampler": "ddim", "steps": 50, "eta": 0.5, "guidance": None,
+    assert default == {"sampler": "ddim", "steps": 100, "eta": 1.0, "guidance": None,
                        "label": None, "group_size": 64}  # fmt: skip
     other = sample_identity(sample_settings({"precision": "bf16", "compile": True}))
     assert other == {**default, "precision": "bf16", "compile": True}
