@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from helpers import brute_distances, brute_knn
 
+import raycollapse.neighbors.knn as knn_module
 import raycollapse.neighbors.symmetric as symmetric
 from raycollapse.neighbors.knn import knn_self
 from raycollapse.neighbors.self_search import neighbour_contrast, partition_may_pay
@@ -140,14 +141,29 @@ def test_neighbour_contrast_is_its_definition_and_separates_clusters_from_noise(
     assert neighbour_contrast(x[:2], 1) == 1.0  # too few rows to measure: no pruning claimed
 
 
-def test_knn_self_skips_the_partition_where_it_cannot_pay() -> None:
-    """N = 20,000 isotropic in d = 64: no partition is built or probed (exactly the symmetric
-    search's n (n - 1) / 2 pairs are computed) and the neighbours are the brute force's."""
+def test_knn_self_skips_the_partition_where_it_cannot_pay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """N = 20,000 isotropic in d = 64: no partition is built (the real builder, counted), and
+    the neighbours are the brute force's; clustered data of the same size still get one."""
+    builds = []
+    real = knn_module.build_partition
+
+    def counted(*args, **kwargs):
+        builds.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(knn_module, "build_partition", counted)
     n = 20_000
-    x = np.random.default_rng(8).normal(size=(n, 64)).astype(np.float32)
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(n, 64)).astype(np.float32)
     auto = knn_self(x, 3)
-    assert auto.pair_share == (n * (n - 1) / 2) / (n * n)
+    assert builds == []
     sub = np.arange(0, n, 211)
     ref_d, ref_i = brute_self(x, 3, sub)
     np.testing.assert_array_equal(auto.indices[sub], ref_i)
     np.testing.assert_allclose(auto.distances[sub], ref_d, rtol=1e-12, atol=0)
+    centres = rng.normal(scale=8.0, size=(50, 64))
+    clusters = (centres[rng.integers(0, 50, n)] + rng.normal(size=(n, 64))).astype(np.float32)
+    auto = knn_self(clusters, 3)
+    assert builds == [(n, 64)]
+    ref_d, ref_i = brute_self(clusters, 3, sub)
+    np.testing.assert_array_equal(auto.indices[sub], ref_i)
