@@ -59,7 +59,10 @@ class LocalRay:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         # RAY_AUTH_MODE=disabled: no token for a cluster that listens on loopback only (the
         # test polls the dashboard's HTTP API; `ray job submit` works either way).
+        # RAY_DASHBOARD_STARTUP_TIMEOUT_S: Ray's 60 s for the dashboard to come up was too short
+        # on a 2-core host under load (`ray start --head` then gives up with an empty log).
         self.env.update({MARKER: self.temp, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled",
+                         "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",
                          "PATH": f"{Path(RAY).parent}:{self.env['PATH']}"})  # fmt: skip
         self.procs: list[subprocess.Popen] = []
         self.gcs, self.dashboard = _free_ports(2)
@@ -103,7 +106,7 @@ class LocalRay:
     def address(self) -> str:
         return f"http://127.0.0.1:{self.dashboard}"
 
-    def wait_nodes(self, n: int, timeout: float = 180) -> None:
+    def wait_nodes(self, n: int, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert all(p.poll() is None for p in self.procs), self.logs()
